@@ -1,0 +1,28 @@
+//! `vsmp bench`: benchmarks of vsmp's hot paths, each reported beside the raw primitive it is
+//! built on, measured in the same run, as a ratio. One module per benchmark family.
+
+use std::process::ExitCode;
+
+mod fabric;
+mod trap;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum What {
+    /// Trap round trip per marker under the monitor, beside the raw ptrace stop/resume.
+    Trap(trap::Args),
+    /// Fabric write, doorbell, fetch_add and bandwidth, beside a raw ping-pong.
+    Fabric(fabric::Args),
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.what {
+        What::Trap(a) => trap::run(a),
+        What::Fabric(a) => fabric::run(a),
+    }
+}
