@@ -15,9 +15,14 @@
 //! Backends: [`sim`] (in-process, seeded, models exactly the contract), [`shm`] (nodes on one
 //! host), [`tcp`] (everywhere). A verbs backend follows on the same contract.
 
+mod config;
 mod error;
 mod types;
 
+pub use config::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, GroupConfig, MIN_SECRET_BYTES, SECRET_ENV,
+    Secret,
+};
 pub use error::FabricError;
 pub use types::{Completion, Grant, Incoming, NodeId, RegionId, RegionSpec, RemoteAddr, WrId};
 
