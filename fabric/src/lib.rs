@@ -15,9 +15,16 @@
 //! Backends: [`sim`] (in-process, seeded, models exactly the contract), [`shm`] (nodes on one
 //! host), [`tcp`] (everywhere). A verbs backend follows on the same contract.
 
+pub mod auth;
+pub mod bootstrap;
 mod config;
+pub mod conformance;
 mod error;
+pub mod shm;
+pub mod sim;
+pub mod tcp;
 mod types;
+mod wire;
 
 pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, GroupConfig, MIN_SECRET_BYTES, SECRET_ENV,
