@@ -3,3 +3,18 @@
 //!
 //! The model is deliberately independent of everything it judges: it shares no code with the
 //! monitor, the DSM or the fabric.
+#![forbid(unsafe_code)]
+
+pub mod cond;
+pub mod error;
+pub mod herd;
+pub mod instr;
+pub mod model;
+pub mod parse;
+pub mod reg;
+pub mod suite;
+pub mod test;
+
+pub use error::{ModelError, ParseError, RunError, SuiteError};
+pub use parse::{parse_file, parse_str};
+pub use test::LitmusTest;
