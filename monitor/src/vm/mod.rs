@@ -1,1 +1,50 @@
-//! Being built; see the open issue.
+//! The VM process and the ptrace run loop: everything in the monitor that touches the host.
+//!
+//! # The VM process
+//! The guest runs natively in a forked child of the monitor, traced with ptrace
+//! (`PTRACE_O_EXITKILL`, and `PR_SET_PDEATHSIG` as a second guard, so it dies with the monitor).
+//! After set-up ([`process`]) its address space holds exactly:
+//!
+//! | range | what | protection |
+//! |---|---|---|
+//! | `[0, layout::NULL_GUARD_END)` | nothing (null-pointer guard) | - |
+//! | `[layout::NULL_GUARD_END, mem)` | guest RAM: the memfd, VA == GPA, shared with the monitor | rwx |
+//! | [`process::STUB_ADDR`], one page | the monitor's stub: `syscall; int3`, rest `int3` | r-x |
+//! | `0xffffffffff600000`, one page | the kernel's `[vsyscall]` page (cannot be unmapped) | --x |
+//!
+//! Everything the fork inherited (the vsmp binary, libc, heap, stacks, vdso, vvar, the monitor's
+//! own view of guest RAM) is unmapped by `munmap` calls the monitor injects through the stub,
+//! and it holds no file descriptor. The stub page is **kept**: the DSM will change page
+//! protections in the VM process with `mprotect` injected the same way, and keeping it costs
+//! the guest nothing: guest code that jumps into it executes a `syscall` under `PTRACE_SYSEMU`,
+//! which stops in the monitor and is refused like any other guest system call.
+//!
+//! # Confinement
+//! The guest always runs under `PTRACE_SYSEMU`: a `syscall` (or `int 0x80`, `sysenter`) stops
+//! in the monitor *before* the kernel runs it, and the monitor ends the run with an error naming
+//! the call; the call is never executed. The monitor resumes with `PTRACE_CONT` only to run its
+//! own stub during set-up, with RIP pointing at the stub. The `[vsyscall]` page is in
+//! "execute-only" emulation mode on current kernels: a jump to it emulates `gettimeofday`,
+//! `time` or `getcpu` without a ptrace stop; these only read the clock and the CPU number and
+//! write guest memory. A seccomp filter as a second line of defence is not installed yet.
+//!
+//! # The trap path
+//! [`run`] waits for a stop, classifies it (ud2 -> SIGILL, int3 -> SIGTRAP, a privileged
+//! instruction executed natively -> SIGSEGV with `SI_KERNEL`), reads the registers, calls
+//! [`crate::emulate::handle_trap`] with a [`run::PtracePlatform`] whose memory accesses are
+//! plain copies from the monitor's mapping of guest RAM ([`memory`]), writes the registers
+//! back if they changed and resumes with signal 0. Nothing on that path allocates.
+//!
+//! Threads: one monitor thread does all of it; it is the ptrace tracer (only the thread that
+//! forked the VM process may issue ptrace requests for it). No locks.
+//!
+//! Modules: [`elf`] (loader), [`memory`] (guest RAM), [`process`] (spawn + confine),
+//! [`trace`] (ptrace stops as types), [`run`] (the loop), [`stats`] (`--stats`), [`bench`]
+//! (the trap benchmark), `sys` (the only `unsafe`).
+#![deny(unsafe_code)]
+
+pub mod elf;
+pub mod memory;
+pub mod process;
+mod sys;
+pub mod trace;
