@@ -35,8 +35,8 @@ pub enum Rule {
     Always,
     /// When one operand is a control or debug register (`%crN`, `%drN`).
     ControlOrDebugRegister,
-    /// When the destination (last operand) is a segment register (`%ds` ... `%gs`).
-    SegmentDestination,
+    /// When an operand is a segment register (`%cs`, `%ds`, `%es`, `%fs`, `%gs`, `%ss`).
+    SegmentRegister,
     /// When one operand is in memory (neither a register nor an immediate).
     MemoryOperand,
     /// When the instruction carries a `lock` prefix, whatever its mnemonic.
@@ -49,8 +49,8 @@ impl Rule {
         match self {
             Rule::Always => "always",
             Rule::ControlOrDebugRegister => "when an operand is `%crN` or `%drN`",
-            Rule::SegmentDestination => {
-                "when the destination is `%ds`, `%es`, `%ss`, `%fs` or `%gs` (or `%cs`)"
+            Rule::SegmentRegister => {
+                "when an operand is `%cs`, `%ds`, `%es`, `%fs`, `%gs` or `%ss` (not a `%fs:` override)"
             }
             Rule::MemoryOperand => "when an operand is in memory (not between two registers)",
             Rule::LockPrefix => "any instruction with a `lock` prefix",
@@ -197,16 +197,18 @@ pub const TABLE: &[Entry] = &[
         rule: Rule::Always,
     },
     Entry {
-        what: "move to a segment register",
+        what: "move to or from a segment register",
         mnemonics: &["mov", "movw", "movl", "movq"],
         class: Class::SensitiveUnprivileged,
-        rule: Rule::SegmentDestination,
+        rule: Rule::SegmentRegister,
     },
     Entry {
-        what: "pop into a segment register",
-        mnemonics: &["pop", "popw", "popq", "popl"],
+        what: "push or pop a segment register",
+        mnemonics: &[
+            "push", "pushw", "pushq", "pushl", "pop", "popw", "popq", "popl",
+        ],
         class: Class::SensitiveUnprivileged,
-        rule: Rule::SegmentDestination,
+        rule: Rule::SegmentRegister,
     },
     Entry {
         what: "load far pointer into a segment register",
@@ -266,7 +268,7 @@ fn rule_holds(rule: Rule, operands: &[&str]) -> bool {
     match rule {
         Rule::Always => true,
         Rule::ControlOrDebugRegister => operands.iter().any(|op| is_control_or_debug_register(op)),
-        Rule::SegmentDestination => operands.last().is_some_and(|op| is_segment_register(op)),
+        Rule::SegmentRegister => operands.iter().any(|op| is_segment_register(op)),
         Rule::MemoryOperand => operands.iter().any(|op| is_memory_operand(op)),
         Rule::LockPrefix => false,
     }
@@ -346,15 +348,18 @@ mod tests {
     }
 
     #[test]
-    fn moves_to_segment_registers_are_sensitive_but_moves_from_them_are_not() {
+    fn moves_to_from_pushes_and_pops_of_segment_registers_are_sensitive() {
         for m in ["mov", "movw", "movl", "movq"] {
             for seg in ["%ds", "%es", "%ss", "%fs", "%gs", "%DS"] {
-                assert!(classify(m, &["%ax", seg], false).is_some(), "{m} {seg}");
-                assert!(classify(m, &[seg, "%ax"], false).is_none(), "{m} {seg}");
+                let to = classify(m, &["%ax", seg], false).expect("move to");
+                assert_eq!(to.class, Class::SensitiveUnprivileged);
+                assert!(classify(m, &[seg, "%ax"], false).is_some(), "{m} {seg}");
             }
         }
-        assert!(classify("pop", &["%fs"], false).is_some());
-        assert!(classify("pop", &["%rax"], false).is_none());
+        for m in ["push", "pushq", "pop", "popq", "popw"] {
+            assert!(classify(m, &["%fs"], false).is_some(), "{m}");
+            assert!(classify(m, &["%rax"], false).is_none(), "{m}");
+        }
     }
 
     #[test]
@@ -401,7 +406,7 @@ mod tests {
             ("outer", &[]),
             ("stos", &[]),
             ("strlen", &[]),
-            ("push", &["%fs"]),
+            ("push", &["%fs:8"]),
             ("pushq", &["%rax"]),
             ("popq", &["%rbx"]),
             ("call", &["str"]),

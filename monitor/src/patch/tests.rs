@@ -71,6 +71,9 @@ fn instructions_with_operands_from_the_list_get_a_marker() {
         "mov %eax, %gs",
         "mov (%rax), %ds",
         "popq %fs",
+        "mov %ds, %ax",
+        "movw %gs, (%rdi)",
+        "pushq %fs",
         "lss (%rax), %esp",
         "mfence",
         "sfence",
@@ -100,7 +103,6 @@ str:
 \t.string \"hlt\"
 \t.ascii \"cli; sti # in\"
 \tmovl %eax, %ebx
-\tmov %ds, %ax
 \tmovl %eax, %fs:0x10
 \tmovq %fs:0, %rax
 \txchg %eax, %ebx
@@ -115,7 +117,7 @@ str:
 \tcmpxchgl %ecx, (%rdi)
 \trep stosq
 \trep ret
-\tpush %fs
+\tpushq %fs:8
 \tpopq %rbx
 \trdtsc
 \tud2
