@@ -263,35 +263,147 @@ pub enum ReadError {
     /// The bytes are not a frame.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// The stream failed or ended (an end inside a frame is `UnexpectedEof`).
+    /// The peer closed the stream, between frames or inside one.
+    #[error("the connection was closed{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Closed { mid_frame: bool },
+    /// The stream failed.
     #[error("reading a frame failed")]
     Io(#[from] io::Error),
 }
 
-/// Reads one frame: its header, validated, and its payload into `payload` (resized to exactly
-/// the payload length, which the header's validation bounded).
-pub fn read_frame<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Header, ReadError> {
-    let mut raw = [0u8; HEADER_BYTES];
-    r.read_exact(&mut raw)?;
-    let h = Header::decode(&raw)?;
-    payload.clear();
-    payload.resize(h.len as usize, 0);
-    r.read_exact(payload)?;
-    Ok(h)
+/// Bytes the reader asks the socket for at once when it is collecting headers.
+pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Reassembles frames from a byte stream whose reads may time out: a timeout keeps what was
+/// read so far (unlike `read_exact`), so the caller can check deadlines between reads.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    header: Option<Header>,
+    payload: Vec<u8>,
+    payload_len: usize,
+    filled: usize,
 }
 
-/// Decodes every frame in `bytes` until the first error or the end; what a fuzzer drives.
-/// Returns how many frames were valid.
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader::new()
+    }
+}
+
+impl FrameReader {
+    pub fn new() -> FrameReader {
+        FrameReader {
+            buf: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            header: None,
+            payload: Vec::new(),
+            payload_len: 0,
+            filled: 0,
+        }
+    }
+
+    /// The payload of the frame [`FrameReader::poll`] last returned.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload[..self.payload_len]
+    }
+
+    /// The next whole frame, or `Ok(None)` when a read timed out first (what was read is kept).
+    pub fn poll<R: Read>(&mut self, r: &mut R) -> Result<Option<Header>, ReadError> {
+        loop {
+            if self.header.is_none() && self.end - self.start >= HEADER_BYTES {
+                let mut raw = [0u8; HEADER_BYTES];
+                raw.copy_from_slice(&self.buf[self.start..self.start + HEADER_BYTES]);
+                self.start += HEADER_BYTES;
+                let h = Header::decode(&raw)?;
+                // The length was bounded by `decode`: this allocation is at most the bound.
+                self.payload_len = h.len as usize;
+                if self.payload.len() < self.payload_len {
+                    self.payload.resize(self.payload_len, 0);
+                }
+                self.filled = 0;
+                self.header = Some(h);
+            }
+            if let Some(h) = self.header {
+                let n = (self.end - self.start).min(self.payload_len - self.filled);
+                self.payload[self.filled..self.filled + n]
+                    .copy_from_slice(&self.buf[self.start..self.start + n]);
+                self.filled += n;
+                self.start += n;
+                if self.filled == self.payload_len {
+                    self.header = None;
+                    return Ok(Some(h));
+                }
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            let got = if self.header.is_some() && self.start == self.end {
+                // Large payloads are read straight into place.
+                let target = &mut self.payload[self.filled..self.payload_len];
+                read_some(r, target)
+            } else {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                }
+                read_some(r, &mut self.buf[self.end..])
+            };
+            match got {
+                Ok(Some(0)) => {
+                    let mid_frame = self.header.is_some() || self.end > self.start;
+                    return Err(ReadError::Closed { mid_frame });
+                }
+                Ok(Some(n)) => {
+                    if self.header.is_some() && self.start == self.end {
+                        self.filled += n;
+                    } else {
+                        self.end += n;
+                    }
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+}
+
+/// One read; `Ok(None)` when it timed out.
+fn read_some<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decodes every frame in `bytes` until the first error or the end, with the same reader the
+/// backend uses; what the fuzzer and the proptests drive. Returns how many frames were valid
+/// and the error that stopped decoding, if any (`None` when the bytes ended between frames).
 pub fn decode_all(bytes: &[u8]) -> (usize, Option<ReadError>) {
     let mut cursor = io::Cursor::new(bytes);
-    let mut payload = Vec::new();
+    let mut reader = FrameReader::new();
     let mut frames = 0;
     loop {
-        if cursor.position() as usize == bytes.len() {
-            return (frames, None);
-        }
-        match read_frame(&mut cursor, &mut payload) {
-            Ok(_) => frames += 1,
+        match reader.poll(&mut cursor) {
+            Ok(Some(_)) => frames += 1,
+            Ok(None) => return (frames, None),
+            Err(ReadError::Closed { mid_frame: false }) => return (frames, None),
             Err(e) => return (frames, Some(e)),
         }
     }
@@ -387,9 +499,53 @@ mod tests {
         bytes.truncate(full + HEADER_BYTES + 2);
         let (n, err) = decode_all(&bytes);
         assert_eq!(n, 2);
-        assert!(
-            matches!(err, Some(ReadError::Io(ref e)) if e.kind() == io::ErrorKind::UnexpectedEof)
-        );
+        assert!(matches!(err, Some(ReadError::Closed { mid_frame: true })));
+    }
+
+    /// A reader that hands out at most `chunk` bytes per read and times out every other read.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        chunk: usize,
+        tick: bool,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.tick = !self.tick;
+            if self.tick {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = self.chunk.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_survive_reads_that_time_out_mid_frame() {
+        let big = vec![0xabu8; 200_000];
+        let mut bytes = write_frame(0, b"first");
+        bytes.extend(write_frame(8, &big));
+        bytes.extend(write_frame(16, b"third"));
+        let mut src = Trickle {
+            bytes: &bytes,
+            chunk: 7,
+            tick: false,
+        };
+        let mut reader = FrameReader::new();
+        let mut got = Vec::new();
+        for _ in 0..1_000_000 {
+            match reader.poll(&mut src) {
+                Ok(Some(h)) => got.push((h.offset, reader.payload().to_vec())),
+                Ok(None) => continue,
+                Err(ReadError::Closed { mid_frame: false }) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], (8, big));
+        assert_eq!(got[2], (16, b"third".to_vec()));
     }
 
     proptest! {
