@@ -57,7 +57,9 @@ fn child_node_process() {
     let born = Instant::now();
     while born.elapsed() < CHILD_LIFETIME {
         match ep.recv(Duration::from_millis(100)) {
-            Err(FabricError::PeerDead { peer, .. }) if peer == NodeId(0) => break,
+            Err(FabricError::PeerDead {
+                peer: NodeId(0), ..
+            }) => break,
             _ => {}
         }
     }
@@ -191,9 +193,12 @@ fn a_join_with_the_wrong_secret_is_refused_and_the_honest_group_forms() {
     conformance::refused_join_leaves_group_working(rogue, &group).unwrap();
 }
 
+/// The rogue's raw connections, by peer rank.
+type RogueSockets = Vec<Option<TcpStream>>;
+
 /// A group whose rank 2 is a rogue member (it knows the secret) holding raw sockets. It sends
 /// no heartbeats, so the group's heartbeat timeout is long here.
-fn group_with_rogue() -> (Arc<dyn Fabric>, Arc<dyn Fabric>, Vec<Option<TcpStream>>) {
+fn group_with_rogue() -> (Arc<dyn Fabric>, Arc<dyn Fabric>, RogueSockets) {
     let patient = |rank, boot: &str| {
         let mut cfg = config(rank, 3, boot);
         cfg.heartbeat_timeout = Duration::from_secs(15);
