@@ -56,11 +56,11 @@ fn child_node_process() {
     let ep = TcpFabric::join(config(rank, nodes, &boot)).expect("the child joins");
     let born = Instant::now();
     while born.elapsed() < CHILD_LIFETIME {
-        match ep.recv(Duration::from_millis(100)) {
-            Err(FabricError::PeerDead {
-                peer: NodeId(0), ..
-            }) => break,
-            _ => {}
+        if let Err(FabricError::PeerDead {
+            peer: NodeId(0), ..
+        }) = ep.recv(Duration::from_millis(100))
+        {
+            break;
         }
     }
     drop(ep);
