@@ -90,8 +90,8 @@ fn parse_line(line: &str) -> Option<Insn> {
     })
 }
 
-/// Checks the marker rule over a disassembly listing.
-pub fn check(listing: &str, marker: Marker) -> Result<Checked, Vec<Violation>> {
+/// Scans a disassembly listing: what it holds and where it breaks the marker rule.
+pub fn scan(listing: &str, marker: Marker) -> (Checked, Vec<Violation>) {
     let insns = parse_objdump(listing);
     let mut violations = Vec::new();
     let mut checked = Checked {
@@ -110,6 +110,12 @@ pub fn check(listing: &str, marker: Marker) -> Result<Checked, Vec<Violation>> {
             violations.push(Violation::Stray(insn.clone()));
         }
     }
+    (checked, violations)
+}
+
+/// Checks the marker rule over a disassembly listing: Ok only if it holds everywhere.
+pub fn check(listing: &str, marker: Marker) -> Result<Checked, Vec<Violation>> {
+    let (checked, violations) = scan(listing, marker);
     if violations.is_empty() {
         Ok(checked)
     } else {

@@ -1,0 +1,344 @@
+//! `vsmp cc` end to end: builds the example guests with the built binary and checks the ELF
+//! it produces (header, segments, the `.vsmp.marker` section) and its disassembly (every
+//! sensitive instruction right after the marker).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vsmp_monitor::layout;
+use vsmp_monitor::marker::{MARKER_SECTION, Marker};
+use vsmp_monitor::patch::verify;
+
+const VSMP: &str = env!("CARGO_BIN_EXE_vsmp");
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("guest/examples")
+        .join(name)
+}
+
+/// Runs `vsmp cc` with a private TMPDIR (so a test can see that scratch files are removed).
+fn vsmp_cc(tmp: &Path, args: &[&str]) -> Output {
+    let scratch = tmp.join("tmp");
+    std::fs::create_dir_all(&scratch).unwrap();
+    Command::new(VSMP)
+        .arg("cc")
+        .args(args)
+        .env("TMPDIR", &scratch)
+        .current_dir(tmp)
+        .output()
+        .expect("run vsmp cc")
+}
+
+fn build(tmp: &Path, marker: Marker, src: &Path, out: &str) -> PathBuf {
+    let output = vsmp_cc(
+        tmp,
+        &["--marker", marker.name(), "-o", out, src.to_str().unwrap()],
+    );
+    assert!(
+        output.status.success(),
+        "vsmp cc {} failed: {}",
+        src.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    tmp.join(out)
+}
+
+/// The parts of an ELF64 file the tests look at.
+#[derive(Debug)]
+struct Elf {
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Section {
+    name: String,
+    flags: u64,
+    offset: usize,
+    size: usize,
+}
+
+const SHF_ALLOC: u64 = 2;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const PT_LOAD: u32 = 1;
+
+impl Elf {
+    fn read(path: &Path) -> Elf {
+        Elf {
+            bytes: std::fs::read(path).unwrap(),
+        }
+    }
+    fn u16(&self, at: usize) -> u16 {
+        u16::from_le_bytes(self.bytes[at..at + 2].try_into().unwrap())
+    }
+    fn u32(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
+    }
+    fn u64(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
+    fn entry(&self) -> u64 {
+        self.u64(24)
+    }
+    /// (type, vaddr, memsz) of every program header.
+    fn segments(&self) -> Vec<(u32, u64, u64)> {
+        let (off, size, n) = (self.u64(32) as usize, self.u16(54) as usize, self.u16(56));
+        (0..n as usize)
+            .map(|i| {
+                let p = off + i * size;
+                (self.u32(p), self.u64(p + 16), self.u64(p + 40))
+            })
+            .collect()
+    }
+    fn sections(&self) -> Vec<Section> {
+        let (off, size, n, strndx) = (
+            self.u64(40) as usize,
+            self.u16(58) as usize,
+            self.u16(60) as usize,
+            self.u16(62) as usize,
+        );
+        let header = |i: usize| off + i * size;
+        let strtab = self.u64(header(strndx) + 24) as usize;
+        (0..n)
+            .map(|i| {
+                let h = header(i);
+                let name_at = strtab + self.u32(h) as usize;
+                let end = self.bytes[name_at..].iter().position(|&b| b == 0).unwrap();
+                Section {
+                    name: String::from_utf8_lossy(&self.bytes[name_at..name_at + end]).into(),
+                    flags: self.u64(h + 8),
+                    offset: self.u64(h + 24) as usize,
+                    size: self.u64(h + 32) as usize,
+                }
+            })
+            .collect()
+    }
+}
+
+fn check_guest_elf(path: &Path, marker: Marker) {
+    let elf = Elf::read(path);
+    assert_eq!(
+        &elf.bytes[..4],
+        b"\x7fELF",
+        "{}: not an ELF file",
+        path.display()
+    );
+    assert_eq!(elf.bytes[4], 2, "ELFCLASS64");
+    assert_eq!(elf.bytes[5], 1, "little-endian");
+    assert_eq!(elf.u16(16), 2, "ET_EXEC (static, not PIE)");
+    assert_eq!(elf.u16(18), 62, "EM_X86_64");
+
+    let segments = elf.segments();
+    assert!(
+        segments
+            .iter()
+            .all(|s| s.0 != PT_INTERP && s.0 != PT_DYNAMIC),
+        "a static guest has no interpreter and no dynamic section: {segments:?}"
+    );
+    let loads: Vec<_> = segments.iter().filter(|s| s.0 == PT_LOAD).collect();
+    assert!(!loads.is_empty());
+    let start = loads.iter().map(|s| s.1).min().unwrap();
+    let end = loads.iter().map(|s| s.1 + s.2).max().unwrap();
+    assert_eq!(
+        start,
+        layout::IMAGE_BASE,
+        "the image is linked at IMAGE_BASE"
+    );
+    assert!(
+        (start..end).contains(&elf.entry()),
+        "entry {:#x} outside the image",
+        elf.entry()
+    );
+    assert!(
+        end < layout::MIN_MEM_BYTES - layout::BOOT_STACK_BYTES,
+        "image too large: {end:#x}"
+    );
+
+    let sections = elf.sections();
+    let marker_section = sections
+        .iter()
+        .find(|s| s.name == MARKER_SECTION)
+        .unwrap_or_else(|| panic!("no {MARKER_SECTION} section"));
+    assert_eq!(
+        &elf.bytes[marker_section.offset..marker_section.offset + marker_section.size],
+        marker.name().as_bytes()
+    );
+    assert_eq!(
+        marker_section.flags & SHF_ALLOC,
+        0,
+        "{MARKER_SECTION} must not be loaded"
+    );
+
+    let listing = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(path)
+        .output()
+        .expect("run objdump");
+    assert!(listing.status.success());
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let checked =
+        verify::check(&listing, marker).unwrap_or_else(|v| panic!("{}: {v:#?}", path.display()));
+    assert!(checked.sensitive > 0, "{checked:?}");
+}
+
+#[test]
+fn hello_and_tour_build_into_marked_static_elfs_with_both_markers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for marker in Marker::ALL {
+        for name in ["hello", "tour"] {
+            let elf = build(
+                tmp.path(),
+                marker,
+                &example(&format!("{name}.c")),
+                &format!("{name}-{marker}.elf"),
+            );
+            check_guest_elf(&elf, marker);
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "scratch directories left behind: {left:?}");
+}
+
+#[test]
+fn separately_compiled_objects_and_assembly_sources_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("main.c"),
+        "#include <vsmp.h>\nint twice(int);\nint main(void) { return twice(vsmp_cpu_id()); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("twice.S"),
+        "#define SHIFT 1\n\t.globl twice\ntwice:\tmovl %edi, %eax\n\tshll $SHIFT, %eax\n\tcpuid_label: cpuid\n\tmovl %edi, %eax\n\tshll $SHIFT, %eax\n\tret\n",
+    )
+    .unwrap();
+    let out = vsmp_cc(dir, &["-c", "-O1", "main.c"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("main.o").is_file());
+    let out = vsmp_cc(dir, &["-o", "prog.elf", "main.o", "twice.S"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_guest_elf(&dir.join("prog.elf"), Marker::Ud2);
+}
+
+#[test]
+fn an_object_with_an_unmarked_sensitive_instruction_is_refused_at_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("raw.s"), "\t.globl main\nmain:\thlt\n\tret\n").unwrap();
+    let assembled = Command::new("as")
+        .arg("--64")
+        .arg("-o")
+        .arg(dir.join("raw.o"))
+        .arg(dir.join("raw.s"))
+        .status()
+        .unwrap();
+    assert!(assembled.success());
+    let out = vsmp_cc(dir, &["-o", "raw.elf", "raw.o"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without a ud2 marker") && err.contains("hlt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_object_built_with_the_other_marker_is_refused_at_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("m.c"),
+        "int main(void) { __asm__ volatile(\"cli\"); return 0; }\n",
+    )
+    .unwrap();
+    assert!(
+        vsmp_cc(dir, &["-c", "--marker", "int3", "m.c"])
+            .status
+            .success()
+    );
+    let out = vsmp_cc(dir, &["--marker", "ud2", "-o", "m.elf", "m.o"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cli"), "{err}");
+}
+
+#[test]
+fn a_compile_error_shows_the_compiler_message_and_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.c"),
+        "int main(void) { return undeclared; }\n",
+    )
+    .unwrap();
+    let out = vsmp_cc(tmp.path(), &["-o", "bad.elf", "bad.c"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("undeclared"), "gcc's message is shown: {err}");
+    assert!(
+        err.contains("cannot compile") && err.contains("bad.c"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bad.elf").exists());
+}
+
+#[test]
+fn a_missing_compiler_is_named_in_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("tmp");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = Command::new(VSMP)
+        .args(["cc", "-o", "x.elf"])
+        .arg(example("hello.c"))
+        .env("VSMP_GCC", "/nonexistent/gcc")
+        .env("TMPDIR", &scratch)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot run /nonexistent/gcc") && err.contains("installed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch removed on error"
+    );
+}
+
+#[test]
+fn usage_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hello = example("hello.c");
+    let hello = hello.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&[hello], "no output file"),
+        (
+            &["--marker", "nop", "-o", "x", hello],
+            "unknown trap marker \"nop\"",
+        ),
+        (&["-o", "x", "missing.c"], "missing.c: no such source file"),
+        (&["-o", "x", "prog.rs"], "unsupported source"),
+        (
+            &["-o", "x", "-shared", hello],
+            "unsupported option \"-shared\"",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = vsmp_cc(tmp.path(), args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
