@@ -119,12 +119,19 @@ fn run_node(ep: &TcpFabric) -> Result<(), String> {
             return Err(format!("the counter is {total}, not {}", 2 * ADDS));
         }
     }
-    // Leave together, so that neither sees the other die mid-check.
-    let wr = ep.post_send(other, b"bye").map_err(err("send"))?;
-    ep.wait(wr, WAIT).map_err(err("waiting for bye"))?;
+    // Leave in order: node 1 says bye and leaves once node 0 acknowledged it; node 0 leaves
+    // only after seeing node 1 gone (otherwise its exit could swallow that acknowledgement).
+    if me == NodeId(1) {
+        let wr = ep.post_send(other, b"bye").map_err(err("send"))?;
+        return ep.wait(wr, WAIT).map(drop).map_err(err("waiting for bye"));
+    }
     match ep.recv(WAIT) {
-        Ok(Some(Incoming::Message { data, .. })) if data == b"bye" => Ok(()),
-        got => Err(format!("expected 'bye' from {other}, got {got:?}")),
+        Ok(Some(Incoming::Message { data, .. })) if data == b"bye" => {}
+        got => return Err(format!("expected 'bye' from {other}, got {got:?}")),
+    }
+    match ep.recv(WAIT) {
+        Err(FabricError::PeerDead { peer, .. }) if peer == other => Ok(()),
+        got => Err(format!("expected {other} to leave, got {got:?}")),
     }
 }
 
