@@ -342,3 +342,124 @@ fn usage_errors_are_clear() {
         assert!(err.contains(expected), "{args:?}: {err}");
     }
 }
+
+/// Builds the runtime's portable parts natively (host gcc, host libc) with a test driver.
+fn host_build(dir: &Path, driver: &str, extra: &[&str]) -> PathBuf {
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
+    std::fs::write(dir.join("driver.c"), driver).unwrap();
+    let exe = dir.join("driver");
+    let out = Command::new("gcc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&exe)
+        .arg("-I")
+        .arg(guest.join("include"))
+        .arg(dir.join("driver.c"))
+        .arg(guest.join("runtime/console.c"))
+        .arg(guest.join("runtime/cpu.c"))
+        .arg(guest.join("runtime/string.c"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+fn run_host(exe: &Path) {
+    let out = Command::new(exe).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn runtime_printf_formats_like_the_c_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = r#"
+#include <stdio.h>
+#include <string.h>
+#include <vsmp.h>
+static int failures;
+#define CHECK(...) do { \
+    char want[256], got[256]; \
+    int wn = snprintf(want, sizeof want, __VA_ARGS__); \
+    int gn = vsmp_snprintf(got, sizeof got, __VA_ARGS__); \
+    if (wn != gn || strcmp(want, got) != 0) { \
+        printf("MISMATCH %s: want [%s] (%d), got [%s] (%d)\n", #__VA_ARGS__, want, wn, got, gn); \
+        failures++; } } while (0)
+int main(void) {
+    CHECK("plain %% text");
+    CHECK("%d %i %d %d", 0, -1, 2147483647, -2147483647 - 1);
+    CHECK("%u %x %X", 4294967295u, 0xdeadbeefu, 0xabcdefu);
+    CHECK("%ld %lu %lx", -9223372036854775807L - 1, 18446744073709551615UL, 0x123456789abcdefUL);
+    CHECK("%lld %llu %llx", -5LL, 5ULL, 0xffffffffffffffffULL);
+    CHECK("%zu %zx %zd", (size_t)12345, (size_t)0xfff, (size_t)7);
+    CHECK("%hhd %hhu %hd %hu", 300, 300, 70000, 70000);
+    CHECK("[%5d] [%-5d] [%05d] [%05d] [%-05d]", 42, 42, 42, -42, 42);
+    CHECK("[%08x] [%8X] [%-8x] [%2x]", 0xbeefu, 0xbeefu, 0xbeefu, 0xbeefu);
+    CHECK("[%.3d] [%8.3d] [%.0d] [%-6.2x]", 7, -7, 0, 0xau);
+    CHECK("[%s] [%10s] [%-10s] [%.2s] [%*s] [%-*s]", "abc", "abc", "abc", "abc", 6, "ab", 6, "ab");
+    CHECK("[%c] [%3c] [%-3c]", 'x', 'y', 'z');
+    CHECK("%p %p", (void *)0x1000, (void *)0xffffffffff600000UL);
+    CHECK("[%*d] [%-*d] [%.*d]", 6, 1, 6, 1, 4, 1);
+    char small[5];
+    int n = vsmp_snprintf(small, sizeof small, "%s", "truncated");
+    if (n != 9 || strcmp(small, "trun") != 0) { printf("truncation: %d [%s]\n", n, small); failures++; }
+    if (vsmp_snprintf(NULL, 0, "%d", 12345) != 5) { printf("size 0\n"); failures++; }
+    return failures != 0;
+}
+"#;
+    let exe = host_build(tmp.path(), driver, &[]);
+    run_host(&exe);
+}
+
+#[test]
+fn runtime_spinlock_and_barrier_hold_under_real_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let driver = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <vsmp.h>
+#define THREADS 2
+#define ROUNDS 300
+static vsmp_spinlock_t lock = VSMP_SPINLOCK_INIT;
+static vsmp_barrier_t barrier;
+static volatile long counter;
+static volatile int phase[THREADS];
+static volatile int errors;
+static void *worker(void *arg) {
+    long me = (long)arg;
+    for (int r = 0; r < ROUNDS; r++) {
+        vsmp_spin_lock(&lock);
+        long c = counter; /* a non-atomic read-modify-write, safe only under the lock */
+        counter = c + 1;
+        vsmp_spin_unlock(&lock);
+        phase[me] = r;
+        vsmp_barrier_wait(&barrier);
+        for (int t = 0; t < THREADS; t++)
+            if (phase[t] < r) errors++; /* someone passed the barrier early */
+        vsmp_barrier_wait(&barrier);
+    }
+    return NULL;
+}
+int main(void) {
+    pthread_t t[THREADS];
+    vsmp_barrier_init(&barrier, THREADS);
+    for (long i = 0; i < THREADS; i++) pthread_create(&t[i], NULL, worker, (void *)i);
+    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    if (counter != (long)THREADS * ROUNDS || errors != 0) {
+        printf("counter %ld (want %d), barrier errors %d\n", counter, THREADS * ROUNDS, errors);
+        return 1;
+    }
+    return 0;
+}
+"#;
+    let exe = host_build(tmp.path(), driver, &["-pthread"]);
+    run_host(&exe);
+}
