@@ -3,10 +3,10 @@
 //!
 //! The guest's general registers, flags and FS/GS bases live in the real VM process (ptrace
 //! registers, [`crate::platform::Regs`]); everything here is virtual: control and debug
-//! registers, EFER and the other MSRs, XCR0, the system flags (IF, IOPL, NT, ID) that
-//! `cli`/`sti`/`pushf`/`popf` see, the descriptor-table registers and segment selectors, a
-//! snapshot of the host's CPUID taken once at creation, and the port bus. The initial values
-//! are those of `docs/guest-platform.md`: a 64-bit kernel-mode CPU with paging on.
+//! registers, EFER and the other MSRs, the interrupt flag that `cli`/`sti`/`pushf`/`popf`
+//! see, the descriptor-table registers and segment selectors, a snapshot of the host's CPUID
+//! (and XCR0) taken once at creation, and the port bus. The initial values are those of
+//! `docs/guest-platform.md`: a 64-bit kernel-mode CPU with paging on and interrupts enabled.
 //!
 //! A `Vcpu` belongs to the node's monitor thread; nothing else touches it. Creating one
 //! allocates (the console, the CPUID snapshot); emulating an instruction never does.
@@ -23,19 +23,15 @@ pub const INITIAL_CR0: u64 = 0x8000_0011;
 pub const INITIAL_CR4: u64 = 0x20;
 /// EFER at start: NXE | LMA | LME | SCE.
 pub const INITIAL_EFER: u64 = 0xd01;
-/// XCR0 at start: x87 only, its reset value (the host's real XCR0 stays in force).
-pub const INITIAL_XCR0: u64 = 0x1;
 /// DR6 at start, its architectural reset value.
 pub const INITIAL_DR6: u64 = 0xffff_0ff0;
 /// DR7 at start, its architectural reset value.
 pub const INITIAL_DR7: u64 = 0x400;
-/// IA32_PAT at start, its architectural reset value.
-pub const INITIAL_PAT: u64 = 0x0007_0406_0007_0406;
-/// Virtual code segment selector at start (Linux's `__KERNEL_CS`).
-pub const INITIAL_CS: u16 = 0x10;
-/// Virtual data segment selector at start for SS, DS, ES (Linux's `__KERNEL_DS`); FS and GS
-/// start null.
-pub const INITIAL_DS: u16 = 0x18;
+/// Virtual code segment selector at start: the host's 64-bit user code selector, which is
+/// what a native `mov %cs` (not trapped) reads too.
+pub const INITIAL_CS: u16 = 0x33;
+/// Virtual stack segment selector at start: the host's user data selector, as for CS.
+pub const INITIAL_SS: u16 = 0x2b;
 /// IA32_APIC_BASE enable bit (bit 11).
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
 /// IA32_APIC_BASE bootstrap-processor bit (bit 8).
@@ -103,10 +99,6 @@ pub struct Msrs {
     pub apic_base: u64,
     /// Added (wrapping) to the host TSC for reads of IA32_TIME_STAMP_COUNTER.
     pub tsc_offset: u64,
-    pub pat: u64,
-    pub sysenter_cs: u64,
-    pub sysenter_esp: u64,
-    pub sysenter_eip: u64,
 }
 
 /// The virtual CPU.
@@ -117,11 +109,9 @@ pub struct Vcpu {
     /// DR0..DR7 (DR4 and DR5 alias DR6 and DR7; their slots stay unused).
     pub dr: [u64; 8],
     pub efer: u64,
-    pub xcr0: u64,
     pub msrs: Msrs,
-    /// The RFLAGS bits a user process cannot own, as the guest last set them: IF (bit 9), IOPL
-    /// (bits 12-13), NT (bit 14) and ID (bit 21). Only these bits are ever set here.
-    pub system_flags: u64,
+    /// The guest's interrupt flag (RFLAGS.IF), which a user process cannot own for real.
+    pub interrupt_flag: bool,
     pub tables: DescriptorTables,
     pub selectors: Selectors,
     /// The address the last `monitor` armed (nothing wakes on it yet).
@@ -153,7 +143,6 @@ impl Vcpu {
             },
             dr: [0, 0, 0, 0, 0, 0, INITIAL_DR6, INITIAL_DR7],
             efer: INITIAL_EFER,
-            xcr0: INITIAL_XCR0,
             msrs: Msrs {
                 star: 0,
                 lstar: 0,
@@ -162,18 +151,14 @@ impl Vcpu {
                 kernel_gs_base: 0,
                 apic_base: crate::layout::APIC_BASE | APIC_BASE_ENABLE | bsp,
                 tsc_offset: 0,
-                pat: INITIAL_PAT,
-                sysenter_cs: 0,
-                sysenter_esp: 0,
-                sysenter_eip: 0,
             },
-            system_flags: 0,
+            interrupt_flag: true,
             tables: DescriptorTables::default(),
             selectors: Selectors {
                 cs: INITIAL_CS,
-                ss: INITIAL_DS,
-                ds: INITIAL_DS,
-                es: INITIAL_DS,
+                ss: INITIAL_SS,
+                ds: 0,
+                es: 0,
                 fs: 0,
                 gs: 0,
             },
@@ -200,18 +185,13 @@ impl Vcpu {
 
     /// Whether the virtual interrupt flag is set (`sti`, `popf`).
     pub fn interrupts_enabled(&self) -> bool {
-        self.system_flags & crate::emulate::flags::RFLAGS_IF != 0
+        self.interrupt_flag
     }
 
     /// Writes out console output the UART still buffers. Call it when the guest stops for
     /// good; dropping the vCPU does it too, but cannot report a failure.
     pub fn flush(&mut self) -> Result<(), DeviceError> {
         self.ports.flush()
-    }
-
-    /// The XCR0 state components the host supports (0 without XSAVE).
-    pub(crate) fn cpuid_host_xsave_mask(&self) -> u64 {
-        self.cpuid.xcr0_supported()
     }
 
     /// The port-I/O bus, for callers outside the trap path (tests, diagnostics).
@@ -233,9 +213,13 @@ mod tests {
     }
 
     #[test]
-    fn a_new_vcpu_is_in_64_bit_mode_with_interrupts_off() {
+    fn a_new_vcpu_is_in_64_bit_mode_with_interrupts_on() {
         let v = Vcpu::new(VcpuConfig { id: 0, count: 1 }, Box::new(io::sink()));
         assert_eq!((v.cr.cr0, v.cr.cr4, v.efer), (0x8000_0011, 0x20, 0xd01));
-        assert!(!v.interrupts_enabled());
+        assert_eq!(
+            (v.dr[6], v.dr[7], v.tables),
+            (0xffff_0ff0, 0x400, DescriptorTables::default())
+        );
+        assert!(v.interrupts_enabled());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Unlike QEMU (which exits with `(value << 1) | 1`), the status is the written value's low
 //! byte as is, so a guest's `main` return value becomes `vsmp run`'s exit status unchanged.
-//! Any access width is accepted; reads of the port return all-ones like an unclaimed port.
+//! Any access width is accepted; the port reads as 0.
 #![forbid(unsafe_code)]
 
 use super::PortEffect;

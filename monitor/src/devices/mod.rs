@@ -4,14 +4,14 @@
 //! ([`crate::emulate::port`]) decodes them and calls [`PortBus::read`] / [`PortBus::write`].
 //! Only the monitor thread touches the bus.
 //!
-//! The bus behaves like a PC's ISA bus:
-//! - the console UART ([`uart`], COM1 at [`layout::COM1_PORT`]`..+8`) and the exit device
-//!   ([`exit`], [`layout::EXIT_PORT`]) are 8-bit devices: a word or dword access is split
-//!   into byte accesses at consecutive ports, low byte first, except that any write *starting*
-//!   at the exit port ends the guest with its low byte;
-//! - a read of a port no device claims returns all-ones (`0xff` per byte), a write to one is
-//!   ignored. Both are logged (tracing, `warn`), rate-limited to
-//!   [`UNKNOWN_PORT_LOG_LIMIT`] messages per direction, since a guest can trigger them at will.
+//! Dispatch follows `docs/guest-platform.md` ("I/O ports"): an access of any width (byte,
+//! word, dword) goes to the device at the port it names; a device register is 8 bits wide, so
+//! a wider write delivers its low byte and a wider read returns the register zero-extended:
+//! - COM1, [`layout::COM1_PORT`]`..+8`: the console UART ([`uart`]);
+//! - [`layout::EXIT_PORT`]: the exit device ([`exit`]); it reads as 0;
+//! - any other port reads as all-ones of the access width (like an empty PC bus) and ignores
+//!   writes. Both are logged (tracing, `warn`), rate-limited to [`UNKNOWN_PORT_LOG_LIMIT`]
+//!   messages per direction, since a guest can trigger them at will.
 #![forbid(unsafe_code)]
 
 pub mod exit;
@@ -90,72 +90,47 @@ impl PortBus {
         }
     }
 
-    /// Reads `size` bytes starting at `port`; the result is zero-extended.
+    /// Reads `size` bytes at `port`; the result is zero-extended.
     pub fn read(&mut self, port: u16, size: PortSize) -> u32 {
-        let mut value = 0u32;
-        for i in 0..size.bytes() {
-            let byte = self.read_byte(port.wrapping_add(i));
-            value |= u32::from(byte) << (8 * i);
+        match port {
+            layout::COM1_PORT..COM1_END => self.uart.read(port - layout::COM1_PORT).into(),
+            layout::EXIT_PORT => 0,
+            _ => {
+                if self.unknown_reads_logged < UNKNOWN_PORT_LOG_LIMIT {
+                    self.unknown_reads_logged += 1;
+                    tracing::warn!(
+                        port = format_args!("{port:#x}"),
+                        "guest read an unknown i/o port; it reads as all ones"
+                    );
+                    if self.unknown_reads_logged == UNKNOWN_PORT_LOG_LIMIT {
+                        tracing::warn!("further reads of unknown i/o ports are not logged");
+                    }
+                }
+                size.mask()
+            }
         }
-        value
     }
 
-    /// Writes the low `size` bytes of `value` starting at `port`.
+    /// Writes the low `size` bytes of `value` at `port`.
     pub fn write(
         &mut self,
         port: u16,
         size: PortSize,
         value: u32,
     ) -> Result<PortEffect, DeviceError> {
-        if port == layout::EXIT_PORT {
-            return Ok(self.exit.write(value));
-        }
-        for i in 0..size.bytes() {
-            let byte = (value >> (8 * i)) as u8;
-            if let PortEffect::Exit { status } = self.write_byte(port.wrapping_add(i), byte)? {
-                return Ok(PortEffect::Exit { status });
-            }
-        }
-        Ok(PortEffect::None)
-    }
-
-    /// Writes out any console output still buffered (the UART buffers up to a line).
-    pub fn flush(&mut self) -> Result<(), DeviceError> {
-        self.uart.flush()
-    }
-
-    fn read_byte(&mut self, port: u16) -> u8 {
-        match port {
-            layout::COM1_PORT..COM1_END => self.uart.read(port - layout::COM1_PORT),
-            _ => {
-                if self.unknown_reads_logged < UNKNOWN_PORT_LOG_LIMIT {
-                    self.unknown_reads_logged += 1;
-                    tracing::warn!(
-                        port = format_args!("{port:#x}"),
-                        "guest read an unknown i/o port; it reads as 0xff"
-                    );
-                    if self.unknown_reads_logged == UNKNOWN_PORT_LOG_LIMIT {
-                        tracing::warn!("further reads of unknown i/o ports are not logged");
-                    }
-                }
-                0xff
-            }
-        }
-    }
-
-    fn write_byte(&mut self, port: u16, byte: u8) -> Result<PortEffect, DeviceError> {
+        let value = value & size.mask();
         match port {
             layout::COM1_PORT..COM1_END => {
-                self.uart.write(port - layout::COM1_PORT, byte)?;
+                self.uart.write(port - layout::COM1_PORT, value as u8)?;
                 Ok(PortEffect::None)
             }
-            layout::EXIT_PORT => Ok(self.exit.write(u32::from(byte))),
+            layout::EXIT_PORT => Ok(self.exit.write(value)),
             _ => {
                 if self.unknown_writes_logged < UNKNOWN_PORT_LOG_LIMIT {
                     self.unknown_writes_logged += 1;
                     tracing::warn!(
                         port = format_args!("{port:#x}"),
-                        value = format_args!("{byte:#x}"),
+                        value = format_args!("{value:#x}"),
                         "guest wrote an unknown i/o port; the write is ignored"
                     );
                     if self.unknown_writes_logged == UNKNOWN_PORT_LOG_LIMIT {
@@ -165,6 +140,11 @@ impl PortBus {
                 Ok(PortEffect::None)
             }
         }
+    }
+
+    /// Writes out any console output still buffered (the UART buffers up to a line).
+    pub fn flush(&mut self) -> Result<(), DeviceError> {
+        self.uart.flush()
     }
 }
 
@@ -222,12 +202,27 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_word_write_to_the_uart_splits_into_two_byte_registers() {
-        let mut bus = PortBus::new(Box::new(io::sink()));
-        // 0x3FE (MSR, read-only) then 0x3FF (scratch).
-        bus.write(layout::COM1_PORT + 6, PortSize::Word, 0xab00)
+    fn a_word_write_to_the_uart_data_port_sends_its_low_byte() {
+        let console = SharedConsole::default();
+        let mut bus = PortBus::new(Box::new(console.clone()));
+        bus.write(layout::COM1_PORT, PortSize::Word, 0x0a41)
             .unwrap();
-        assert_eq!(bus.read(layout::COM1_PORT + 7, PortSize::Byte), 0xab);
+        bus.write(layout::COM1_PORT, PortSize::Dword, 0x1234_560a)
+            .unwrap();
+        assert_eq!(console.text(), "A\n");
+    }
+
+    #[test]
+    fn the_exit_port_reads_as_zero() {
+        let mut bus = PortBus::new(Box::new(io::sink()));
+        assert_eq!(bus.read(layout::EXIT_PORT, PortSize::Byte), 0);
+        assert_eq!(bus.read(layout::EXIT_PORT, PortSize::Dword), 0);
+    }
+
+    #[test]
+    fn a_wide_read_of_a_uart_register_is_zero_extended() {
+        let mut bus = PortBus::new(Box::new(io::sink()));
+        assert_eq!(bus.read(layout::COM1_PORT + 5, PortSize::Dword), 0x60);
     }
 
     #[test]

@@ -1,18 +1,18 @@
-//! The console: a 16550 UART (COM1), transmit only.
+//! The console: COM1, a 16550 UART reduced to what `docs/guest-platform.md` ("I/O ports")
+//! defines. Offsets from the base port:
 //!
-//! Register behaviour (offsets from the base port; DLAB is bit 7 of LCR):
+//! | off | register | read | write |
+//! |-----|----------|------|-------|
+//! | 0 | THR/RBR | 0 (no input) | the byte goes to the console |
+//! | 1 | IER | 0 | ignored |
+//! | 2 | IIR/FCR | 0x01 (no interrupt pending) | ignored |
+//! | 3 | LCR | 0 | ignored |
+//! | 4 | MCR | 0 | ignored |
+//! | 5 | LSR | 0x60 (THR empty, transmitter empty, no data ready) | ignored |
+//! | 6 | MSR | 0 | ignored |
+//! | 7 | SCR | 0 | ignored |
 //!
-//! | off | read                              | write                                  |
-//! |-----|-----------------------------------|----------------------------------------|
-//! | 0   | RBR: 0 (no input) / DLL if DLAB   | THR: byte to the console / DLL if DLAB |
-//! | 1   | IER / DLM if DLAB                 | IER (low 4 bits) / DLM if DLAB         |
-//! | 2   | IIR: 0x01 (no interrupt pending), 0xc1 with FIFOs enabled | FCR (stored) |
-//! | 3   | LCR                               | LCR                                    |
-//! | 4   | MCR                               | MCR (low 5 bits)                       |
-//! | 5   | LSR: 0x60 (THR empty, transmitter empty, no data ready) | ignored       |
-//! | 6   | MSR: 0                            | ignored                                |
-//! | 7   | SCR (scratch, reads back)         | SCR                                    |
-//!
+//! There is no divisor latch: with LCR ignored, a write to offset 0 always transmits.
 //! Transmission is instantaneous (LSR always says the transmitter is empty) and raises no
 //! interrupt. Transmitted bytes are collected in a fixed buffer of [`CONSOLE_LINE_BYTES`] and
 //! written to the console writer at each `\n`, when the buffer is full, on [`Uart::flush`],
@@ -31,23 +31,20 @@ pub const UART_PORTS: u16 = 8;
 /// Bytes of console output buffered before they must be written out: one generous line.
 pub const CONSOLE_LINE_BYTES: usize = 256;
 
-/// Line status: transmit holding register empty (bit 5) and transmitter empty (bit 6).
+/// Offset of the transmit holding register.
+const THR: u16 = 0;
+/// Offset of the interrupt identification register.
+const IIR: u16 = 2;
+/// Offset of the line status register.
+const LSR: u16 = 5;
+
+/// IIR: no interrupt pending.
+pub const IIR_NO_INTERRUPT: u8 = 0x01;
+/// LSR: transmit holding register empty (bit 5) and transmitter empty (bit 6).
 pub const LSR_IDLE: u8 = 0x60;
 
-const LCR_DLAB: u8 = 0x80;
-const FCR_FIFO_ENABLE: u8 = 0x01;
-const IIR_NO_INTERRUPT: u8 = 0x01;
-const IIR_FIFOS_ENABLED: u8 = 0xc0;
-
-/// The 16550's registers and the console output buffer.
+/// The console UART: only its output buffer has state.
 pub struct Uart {
-    ier: u8,
-    fcr: u8,
-    lcr: u8,
-    mcr: u8,
-    scr: u8,
-    dll: u8,
-    dlm: u8,
     line: [u8; CONSOLE_LINE_BYTES],
     line_len: usize,
     console: Box<dyn io::Write + Send>,
@@ -56,67 +53,34 @@ pub struct Uart {
 impl fmt::Debug for Uart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Uart")
-            .field("ier", &self.ier)
-            .field("fcr", &self.fcr)
-            .field("lcr", &self.lcr)
-            .field("mcr", &self.mcr)
-            .field("scr", &self.scr)
-            .field("divisor", &u16::from_le_bytes([self.dll, self.dlm]))
             .field("buffered_bytes", &self.line_len)
             .finish_non_exhaustive()
     }
 }
 
 impl Uart {
-    /// A UART in its reset state (divisor 12, 9600 baud, which nothing depends on).
+    /// A UART whose output goes to `console`.
     pub fn new(console: Box<dyn io::Write + Send>) -> Uart {
         Uart {
-            ier: 0,
-            fcr: 0,
-            lcr: 0,
-            mcr: 0,
-            scr: 0,
-            dll: 12,
-            dlm: 0,
             line: [0; CONSOLE_LINE_BYTES],
             line_len: 0,
             console,
         }
     }
 
-    fn dlab(&self) -> bool {
-        self.lcr & LCR_DLAB != 0
-    }
-
     /// Reads the register at `offset` (0..8) from the base port.
     pub fn read(&mut self, offset: u16) -> u8 {
         match offset {
-            0 if self.dlab() => self.dll,
-            0 => 0,
-            1 if self.dlab() => self.dlm,
-            1 => self.ier,
-            2 if self.fcr & FCR_FIFO_ENABLE != 0 => IIR_NO_INTERRUPT | IIR_FIFOS_ENABLED,
-            2 => IIR_NO_INTERRUPT,
-            3 => self.lcr,
-            4 => self.mcr,
-            5 => LSR_IDLE,
-            7 => self.scr,
+            IIR => IIR_NO_INTERRUPT,
+            LSR => LSR_IDLE,
             _ => 0,
         }
     }
 
     /// Writes `byte` to the register at `offset` (0..8) from the base port.
     pub fn write(&mut self, offset: u16, byte: u8) -> Result<(), DeviceError> {
-        match offset {
-            0 if self.dlab() => self.dll = byte,
-            0 => return self.transmit(byte),
-            1 if self.dlab() => self.dlm = byte,
-            1 => self.ier = byte & 0x0f,
-            2 => self.fcr = byte,
-            3 => self.lcr = byte,
-            4 => self.mcr = byte & 0x1f,
-            7 => self.scr = byte,
-            _ => {}
+        if offset == THR {
+            self.transmit(byte)?;
         }
         Ok(())
     }
@@ -154,36 +118,28 @@ mod tests {
     use crate::devices::tests::SharedConsole;
 
     #[test]
-    fn the_line_status_register_always_reports_an_idle_transmitter() {
+    fn the_registers_read_as_the_guest_platform_says() {
         let mut uart = Uart::new(Box::new(io::sink()));
-        assert_eq!(uart.read(5), 0x60);
+        let read: Vec<u8> = (0..UART_PORTS).map(|off| uart.read(off)).collect();
+        assert_eq!(read, [0, 0, 0x01, 0, 0, 0x60, 0, 0]);
     }
 
     #[test]
-    fn the_scratch_register_reads_back_what_was_written() {
-        let mut uart = Uart::new(Box::new(io::sink()));
-        uart.write(7, 0x5a).unwrap();
-        assert_eq!(uart.read(7), 0x5a);
-    }
-
-    #[test]
-    fn with_dlab_set_offsets_0_and_1_are_the_divisor_latch() {
-        let mut uart = Uart::new(Box::new(io::sink()));
-        uart.write(3, 0x83).unwrap();
-        uart.write(0, 0x01).unwrap();
-        uart.write(1, 0x00).unwrap();
-        assert_eq!((uart.read(0), uart.read(1)), (0x01, 0x00));
-        uart.write(3, 0x03).unwrap();
-        uart.write(1, 0x0f).unwrap();
-        assert_eq!((uart.read(1), uart.read(3)), (0x0f, 0x03));
-    }
-
-    #[test]
-    fn iir_says_no_interrupt_pending_and_shows_enabled_fifos() {
-        let mut uart = Uart::new(Box::new(io::sink()));
-        assert_eq!(uart.read(2), 0x01);
-        uart.write(2, 0x07).unwrap();
-        assert_eq!(uart.read(2), 0xc1);
+    fn writes_to_registers_other_than_thr_are_ignored() {
+        let console = SharedConsole::default();
+        let mut uart = Uart::new(Box::new(console.clone()));
+        for off in 1..UART_PORTS {
+            uart.write(off, 0x83).unwrap();
+        }
+        assert_eq!(uart.read(7), 0, "the scratch register does not keep writes");
+        assert_eq!(uart.read(3), 0);
+        uart.write(0, b'x').unwrap();
+        uart.flush().unwrap();
+        assert_eq!(
+            console.text(),
+            "x",
+            "no divisor latch: offset 0 always transmits"
+        );
     }
 
     #[test]
@@ -203,5 +159,25 @@ mod tests {
         uart.write(0, b'a').unwrap();
         drop(uart);
         assert_eq!(console.text(), "a");
+    }
+
+    #[derive(Debug)]
+    struct BrokenConsole;
+
+    impl io::Write for BrokenConsole {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_console_that_fails_is_reported_at_the_newline() {
+        let mut uart = Uart::new(Box::new(BrokenConsole));
+        uart.write(0, b'a').unwrap();
+        let err = uart.write(0, b'\n').unwrap_err();
+        assert!(err.to_string().contains("console"), "{err}");
     }
 }

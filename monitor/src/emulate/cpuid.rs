@@ -1,43 +1,44 @@
-//! `cpuid`: what the guest learns about its processor.
+//! `cpuid`: what the guest learns about its processor, exactly as `docs/guest-platform.md`
+//! (section CPUID) defines it. ECX (the sub-leaf) is ignored by every leaf.
 //!
-//! The guest runs natively on the host CPU, so most feature bits must be the host's: the
-//! monitor reads the host's leaves once, when the vCPU is created ([`HostCpuid::snapshot`]),
-//! and never executes host `cpuid` on the trap path. On top of that snapshot:
+//! The guest runs natively on the host CPU, so some bits must be the host's: the monitor reads
+//! the host's leaves 0, 1 and 0x8000_0001 (and XCR0, for `xsetbv`) once, when the vCPU is
+//! created ([`HostCpuid::snapshot`]), and never executes host `cpuid` on the trap path.
 //!
-//! | leaf | value |
-//! |------|-------|
-//! | 0 | max basic leaf = min(host, 0xd); vendor string of the host |
-//! | 1 | EAX, EBX[15:0], ECX, EDX from the host, except: EBX[23:16] = vCPU count, EBX[31:24] = vCPU id (initial APIC id); ECX: hypervisor (31) set, VMX (5), SMX (6), x2APIC (21), TSC-deadline (24) clear, OSXSAVE (27) = virtual CR4.OSXSAVE; EDX: APIC (9) and HTT (28) set |
-//! | 2, 5, 6, 7, 8, 9, 0xc, 0xd | host (subleaves of 7 below 4 and of 0xd below 64) |
-//! | 3, 0xa | zero (no serial number, no performance counters) |
-//! | 4 | host cache descriptions (subleaves below 8), EAX[31:26] = vCPU count - 1, EAX[25:14] = 0: every vCPU has caches of its own (it is a node) |
-//! | 0xb | x2APIC topology: subleaf 0 = SMT level (1 thread), 1 = core level (vCPU count cores, APIC-id shift = ceil(log2 count)), others invalid; EDX = vCPU id |
-//! | 0x4000_0000 | EAX = 0x4000_0001 (max hypervisor leaf), EBX, ECX, EDX = `"vsmpvsmpvsmp"` |
-//! | 0x4000_0001 | EAX = vCPU count, EBX = vCPU id, ECX = EDX = 0 |
-//! | 0x8000_0000 | EAX = min(host, 0x8000_0008), EBX..EDX from the host |
-//! | 0x8000_0001..=0x8000_0008 | host, except 0x8000_0001 ECX bit 2 (SVM) clear and 0x8000_0008 ECX = vCPU count - 1 |
-//! | anything else | zero |
+//! | leaf | EAX | EBX | ECX | EDX |
+//! |------|-----|-----|-----|-----|
+//! | 0 | 1 (highest basic leaf) | host vendor | host vendor | host vendor |
+//! | 1 | host | 31:24 vCPU id, 23:16 vCPU count, 15:0 host | host, bit 31 (hypervisor) set, bits 3 (MONITOR), 5 (VMX), 21 (x2APIC) clear | host, bits 9 (APIC) and 28 (HTT) set |
+//! | 0x4000_0000 | 0x4000_0001 | "vsmp" | "vsmp" | "vsmp" |
+//! | 0x4000_0001 | vCPU count | vCPU id | 0 | 0 |
+//! | 0x8000_0000 | 0x8000_0001 | 0 | 0 | 0 |
+//! | 0x8000_0001 | 0 | 0 | host | host |
+//! | anything else | 0 | 0 | 0 | 0 |
 #![forbid(unsafe_code)]
 
 use core::arch::x86_64::__cpuid_count;
 
-use super::{EmulateError, Outcome};
+use super::{EmulateError, Outcome, sys};
 use crate::platform::Platform;
 use crate::vcpu::Vcpu;
 
-/// Highest basic leaf the guest sees (at most; less if the host has fewer).
-pub const MAX_BASIC_LEAF: u32 = 0xd;
-/// Highest extended leaf the guest sees (at most).
-pub const MAX_EXTENDED_LEAF: u32 = 0x8000_0008;
+/// Highest basic leaf the guest sees.
+pub const MAX_BASIC_LEAF: u32 = 0x1;
 /// Highest hypervisor leaf.
 pub const MAX_HYPERVISOR_LEAF: u32 = 0x4000_0001;
-/// The hypervisor signature in leaf 0x4000_0000 (EBX, ECX, EDX).
-pub const HYPERVISOR_SIGNATURE: &[u8; 12] = b"vsmpvsmpvsmp";
+/// Highest extended leaf the guest sees.
+pub const MAX_EXTENDED_LEAF: u32 = 0x8000_0001;
+/// The hypervisor signature in leaf 0x4000_0000 (EBX, ECX, EDX): "vsmp" three times.
+pub const HYPERVISOR_SIGNATURE: u32 = u32::from_le_bytes(*b"vsmp");
 
-const LEAF4_SUBLEAVES: usize = 8;
-const LEAF7_SUBLEAVES: usize = 4;
-const LEAF_D_SUBLEAVES: usize = 64;
-const CR4_OSXSAVE: u64 = 1 << 18;
+/// Leaf 1 ECX bits the guest does not get: MONITOR (3), VMX (5), x2APIC (21).
+const LEAF1_ECX_CLEAR: u32 = (1 << 3) | (1 << 5) | (1 << 21);
+/// Leaf 1 ECX bit set for the guest: a hypervisor is present.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 EDX bits set for the guest: APIC (9), HTT (28, so EBX[23:16] is meaningful).
+const LEAF1_EDX_SET: u32 = (1 << 9) | (1 << 28);
+/// Leaf 1 ECX bit: the OS enabled XSAVE (the host did, if set).
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 
 /// The four registers `cpuid` returns.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,8 +49,8 @@ pub struct CpuidRegs {
     pub edx: u32,
 }
 
-fn host(leaf: u32, sub: u32) -> CpuidRegs {
-    let r = __cpuid_count(leaf, sub);
+fn host(leaf: u32) -> CpuidRegs {
+    let r = __cpuid_count(leaf, 0);
     CpuidRegs {
         eax: r.eax,
         ebx: r.ebx,
@@ -58,161 +59,65 @@ fn host(leaf: u32, sub: u32) -> CpuidRegs {
     }
 }
 
-/// The host's CPUID leaves the guest may see, read once.
-#[derive(Debug, Clone)]
+/// The host values the guest's CPUID is built from, read once.
+#[derive(Debug, Clone, Copy)]
 pub struct HostCpuid {
-    /// Leaves 0..=MAX_BASIC_LEAF, subleaf 0 (zero beyond the host's max).
-    basic: [CpuidRegs; MAX_BASIC_LEAF as usize + 1],
-    leaf4: [CpuidRegs; LEAF4_SUBLEAVES],
-    leaf7: [CpuidRegs; LEAF7_SUBLEAVES],
-    leaf_d: [CpuidRegs; LEAF_D_SUBLEAVES],
-    /// Leaves 0x8000_0000..=MAX_EXTENDED_LEAF (zero beyond the host's max).
-    extended: [CpuidRegs; (MAX_EXTENDED_LEAF - 0x8000_0000) as usize + 1],
+    leaf0: CpuidRegs,
+    leaf1: CpuidRegs,
+    ext1: CpuidRegs,
+    /// The host's XCR0, or `None` if the host OS has not enabled XSAVE.
+    xcr0: Option<u64>,
 }
 
 impl HostCpuid {
-    /// Reads the host's leaves.
+    /// Reads the host's leaves 0, 1, 0x8000_0001 and XCR0.
     pub fn snapshot() -> HostCpuid {
-        let host_max = host(0, 0).eax;
-        let host_max_ext = host(0x8000_0000, 0).eax;
-        let basic_leaf = |leaf: u32, sub: u32| {
-            if leaf <= host_max {
-                host(leaf, sub)
-            } else {
-                CpuidRegs::default()
-            }
-        };
-        let mut s = HostCpuid {
-            basic: [CpuidRegs::default(); MAX_BASIC_LEAF as usize + 1],
-            leaf4: [CpuidRegs::default(); LEAF4_SUBLEAVES],
-            leaf7: [CpuidRegs::default(); LEAF7_SUBLEAVES],
-            leaf_d: [CpuidRegs::default(); LEAF_D_SUBLEAVES],
-            extended: [CpuidRegs::default(); (MAX_EXTENDED_LEAF - 0x8000_0000) as usize + 1],
-        };
-        for (leaf, slot) in (0u32..).zip(s.basic.iter_mut()) {
-            *slot = basic_leaf(leaf, 0);
-        }
-        for (sub, slot) in (0u32..).zip(s.leaf4.iter_mut()) {
-            *slot = basic_leaf(4, sub);
-        }
-        for (sub, slot) in (0u32..).zip(s.leaf7.iter_mut()) {
-            *slot = basic_leaf(7, sub);
-        }
-        for (sub, slot) in (0u32..).zip(s.leaf_d.iter_mut()) {
-            *slot = basic_leaf(0xd, sub);
-        }
-        for (leaf, slot) in (0x8000_0000u32..).zip(s.extended.iter_mut()) {
-            if leaf <= host_max_ext {
-                *slot = host(leaf, 0);
-            }
-        }
-        s
-    }
-
-    /// The XCR0 bits the host supports (leaf 0xd subleaf 0), or 0 without XSAVE.
-    pub fn xcr0_supported(&self) -> u64 {
-        if self.basic[1].ecx & (1 << 26) == 0 {
-            return 0;
-        }
-        (u64::from(self.leaf_d[0].edx) << 32) | u64::from(self.leaf_d[0].eax)
-    }
-
-    fn max_basic(&self) -> u32 {
-        self.basic[0].eax.min(MAX_BASIC_LEAF)
-    }
-
-    fn max_extended(&self) -> u32 {
-        let max = self.extended[0].eax;
-        if max < 0x8000_0000 {
-            0
+        let leaf0 = host(0);
+        let leaf1 = if leaf0.eax >= 1 {
+            host(1)
         } else {
-            max.min(MAX_EXTENDED_LEAF)
+            CpuidRegs::default()
+        };
+        let ext1 = if host(0x8000_0000).eax >= 0x8000_0001 {
+            host(0x8000_0001)
+        } else {
+            CpuidRegs::default()
+        };
+        let xcr0 = (leaf1.ecx & LEAF1_ECX_OSXSAVE != 0).then(sys::host_xcr0_with_osxsave);
+        HostCpuid {
+            leaf0,
+            leaf1,
+            ext1,
+            xcr0,
         }
     }
-}
 
-fn sig_word(i: usize) -> u32 {
-    let b = HYPERVISOR_SIGNATURE;
-    u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
-}
-
-/// ceil(log2(n)) for n >= 1.
-fn ceil_log2(n: u32) -> u32 {
-    if n <= 1 {
-        0
-    } else {
-        32 - (n - 1).leading_zeros()
+    /// The host's XCR0, if the host OS enabled XSAVE.
+    pub fn xcr0(&self) -> Option<u64> {
+        self.xcr0
     }
 }
 
-/// What `cpuid` returns on `vcpu` for `leaf`/`sub` (see the module table).
-pub fn leaf(vcpu: &Vcpu, leaf: u32, sub: u32) -> CpuidRegs {
+/// What `cpuid` returns on `vcpu` for `leaf` (see the module table).
+pub fn leaf(vcpu: &Vcpu, leaf: u32) -> CpuidRegs {
     let h = &vcpu.cpuid;
-    let id = vcpu.id();
-    let count = vcpu.count();
-    let zero = CpuidRegs::default();
-    let get = |table: &[CpuidRegs], i: u32| table.get(i as usize).copied().unwrap_or_default();
+    let (id, count) = (vcpu.id(), vcpu.count());
     match leaf {
         0 => CpuidRegs {
-            eax: h.max_basic(),
-            ..h.basic[0]
+            eax: MAX_BASIC_LEAF,
+            ..h.leaf0
         },
-        l if l <= h.max_basic() => match l {
-            1 => {
-                let r = h.basic[1];
-                let ebx = (r.ebx & 0xffff) | (count.min(0xff) << 16) | ((id & 0xff) << 24);
-                let clear = (1 << 5) | (1 << 6) | (1 << 21) | (1 << 24) | (1 << 27);
-                let osxsave = if vcpu.cr.cr4 & CR4_OSXSAVE != 0 {
-                    1 << 27
-                } else {
-                    0
-                };
-                let ecx = (r.ecx & !clear) | (1 << 31) | osxsave;
-                let edx = r.edx | (1 << 9) | (1 << 28);
-                CpuidRegs {
-                    eax: r.eax,
-                    ebx,
-                    ecx,
-                    edx,
-                }
-            }
-            3 | 0xa => zero,
-            4 => {
-                let mut r = get(&h.leaf4, sub);
-                if r.eax & 0x1f != 0 {
-                    r.eax = (r.eax & 0x3fff) | ((count - 1).min(63) << 26);
-                }
-                r
-            }
-            7 => get(&h.leaf7, sub),
-            0xb => match sub {
-                0 => CpuidRegs {
-                    eax: 0,
-                    ebx: 1,
-                    ecx: 1 << 8,
-                    edx: id,
-                },
-                1 => CpuidRegs {
-                    eax: ceil_log2(count),
-                    ebx: count.min(0xffff),
-                    ecx: 1 | (2 << 8),
-                    edx: id,
-                },
-                _ => CpuidRegs {
-                    eax: 0,
-                    ebx: 0,
-                    ecx: sub & 0xff,
-                    edx: id,
-                },
-            },
-            0xd => get(&h.leaf_d, sub),
-            _ => h.basic[l as usize],
+        1 => CpuidRegs {
+            eax: h.leaf1.eax,
+            ebx: ((id & 0xff) << 24) | (count.min(0xff) << 16) | (h.leaf1.ebx & 0xffff),
+            ecx: (h.leaf1.ecx & !LEAF1_ECX_CLEAR) | LEAF1_ECX_HYPERVISOR,
+            edx: h.leaf1.edx | LEAF1_EDX_SET,
         },
         0x4000_0000 => CpuidRegs {
             eax: MAX_HYPERVISOR_LEAF,
-            ebx: sig_word(0),
-            ecx: sig_word(1),
-            edx: sig_word(2),
+            ebx: HYPERVISOR_SIGNATURE,
+            ecx: HYPERVISOR_SIGNATURE,
+            edx: HYPERVISOR_SIGNATURE,
         },
         0x4000_0001 => CpuidRegs {
             eax: count,
@@ -220,27 +125,24 @@ pub fn leaf(vcpu: &Vcpu, leaf: u32, sub: u32) -> CpuidRegs {
             ecx: 0,
             edx: 0,
         },
-        0x8000_0000 if h.max_extended() != 0 => CpuidRegs {
-            eax: h.max_extended(),
-            ..h.extended[0]
+        0x8000_0000 => CpuidRegs {
+            eax: MAX_EXTENDED_LEAF,
+            ..CpuidRegs::default()
         },
-        l if (0x8000_0001..=h.max_extended()).contains(&l) => {
-            let mut r = h.extended[(l - 0x8000_0000) as usize];
-            match l {
-                0x8000_0001 => r.ecx &= !(1 << 2),
-                0x8000_0008 => r.ecx = (count - 1) & 0xff,
-                _ => {}
-            }
-            r
-        }
-        _ => zero,
+        0x8000_0001 => CpuidRegs {
+            eax: 0,
+            ebx: 0,
+            ecx: h.ext1.ecx,
+            edx: h.ext1.edx,
+        },
+        _ => CpuidRegs::default(),
     }
 }
 
-/// `cpuid`: EAX = leaf, ECX = subleaf; the results zero-extend into RAX, RBX, RCX, RDX.
+/// `cpuid`: EAX = leaf; the results zero-extend into RAX, RBX, RCX, RDX.
 pub(crate) fn emulate(vcpu: &mut Vcpu, p: &mut impl Platform) -> Result<Outcome, EmulateError> {
     let regs = p.regs();
-    let r = leaf(vcpu, regs.rax as u32, regs.rcx as u32);
+    let r = leaf(vcpu, regs.rax as u32);
     regs.rax = r.eax.into();
     regs.rbx = r.ebx.into();
     regs.rcx = r.ecx.into();
@@ -261,6 +163,7 @@ mod tests {
         p.regs.rax = 0xffff_ffff_0000_0000 | u64::from(leaf);
         p.regs.rcx = u64::from(sub);
         p.regs.rbx = u64::MAX;
+        p.regs.rdx = u64::MAX;
         run_ok(vcpu, &mut p, CPUID.len());
         for r in [p.regs.rax, p.regs.rbx, p.regs.rcx, p.regs.rdx] {
             assert_eq!(r >> 32, 0, "cpuid results must zero-extend");
@@ -277,28 +180,25 @@ mod tests {
     fn cpuid_leaf_1_reports_vcpu_id_and_count() {
         let mut vcpu = Vcpu::new(VcpuConfig { id: 2, count: 4 }, Box::new(std::io::sink()));
         let r = cpuid_on(&mut vcpu, 1, 0);
+        let h = host(1);
         assert_eq!(r.ebx >> 24, 2, "initial APIC id");
         assert_eq!((r.ebx >> 16) & 0xff, 4, "logical processor count");
-        assert_ne!(r.ecx & (1 << 31), 0, "hypervisor bit");
-        assert_eq!(r.ecx & (1 << 21), 0, "no x2APIC");
-        assert_ne!(r.edx & (1 << 9), 0, "APIC present");
+        assert_eq!(r.ebx & 0xffff, h.ebx & 0xffff);
+        assert_eq!(r.eax, h.eax);
+        assert_eq!(
+            r.ecx,
+            (h.ecx & !0x20_0028) | 0x8000_0000,
+            "hypervisor set; monitor, vmx, x2apic clear"
+        );
+        assert_eq!(r.edx, h.edx | 0x1000_0200, "apic and htt set");
     }
 
     #[test]
-    fn cpuid_leaf_1_osxsave_follows_the_virtual_cr4() {
-        let mut vcpu = vcpu();
-        assert_eq!(cpuid_on(&mut vcpu, 1, 0).ecx & (1 << 27), 0);
-        vcpu.cr.cr4 |= CR4_OSXSAVE;
-        assert_ne!(cpuid_on(&mut vcpu, 1, 0).ecx & (1 << 27), 0);
-    }
-
-    #[test]
-    fn cpuid_leaf_0_reports_the_host_vendor_and_a_capped_max_leaf() {
+    fn cpuid_leaf_0_reports_the_host_vendor_and_max_leaf_1() {
         let mut vcpu = vcpu();
         let r = cpuid_on(&mut vcpu, 0, 0);
-        let h = host(0, 0);
-        assert_eq!((r.ebx, r.edx, r.ecx), (h.ebx, h.edx, h.ecx));
-        assert_eq!(r.eax, h.eax.min(MAX_BASIC_LEAF));
+        let h = host(0);
+        assert_eq!((r.eax, r.ebx, r.edx, r.ecx), (1, h.ebx, h.edx, h.ecx));
     }
 
     #[test]
@@ -309,35 +209,67 @@ mod tests {
         sig[..4].copy_from_slice(&r.ebx.to_le_bytes());
         sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
         sig[8..].copy_from_slice(&r.edx.to_le_bytes());
-        assert_eq!((&sig, r.eax), (HYPERVISOR_SIGNATURE, 0x4000_0001));
-        let r = cpuid_on(&mut vcpu, 0x4000_0001, 0);
-        assert_eq!((r.eax, r.ebx), (3, 1));
+        assert_eq!((&sig, r.eax), (b"vsmpvsmpvsmp", 0x4000_0001));
+        assert_eq!(
+            cpuid_on(&mut vcpu, 0x4000_0001, 0),
+            CpuidRegs {
+                eax: 3,
+                ebx: 1,
+                ecx: 0,
+                edx: 0
+            }
+        );
     }
 
     #[test]
-    fn cpuid_leaf_0xb_describes_one_thread_per_core_and_count_cores() {
-        let mut vcpu = Vcpu::new(VcpuConfig { id: 5, count: 6 }, Box::new(std::io::sink()));
-        if leaf(&vcpu, 0, 0).eax < 0xb {
-            eprintln!("SKIPPED cpuid_leaf_0xb check: the host's max basic leaf is below 0xb");
-            return;
-        }
-        let smt = cpuid_on(&mut vcpu, 0xb, 0);
-        let core = cpuid_on(&mut vcpu, 0xb, 1);
-        let end = cpuid_on(&mut vcpu, 0xb, 2);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
-        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
-        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
-    }
-
-    #[test]
-    fn cpuid_of_an_unknown_leaf_is_all_zero() {
+    fn cpuid_extended_leaves_stop_at_0x8000_0001_with_the_host_feature_bits() {
         let mut vcpu = vcpu();
-        assert_eq!(cpuid_on(&mut vcpu, 0x1234_5678, 0), CpuidRegs::default());
-        assert_eq!(cpuid_on(&mut vcpu, 0xa, 0), CpuidRegs::default());
+        assert_eq!(
+            cpuid_on(&mut vcpu, 0x8000_0000, 0),
+            CpuidRegs {
+                eax: 0x8000_0001,
+                ..CpuidRegs::default()
+            }
+        );
+        let r = cpuid_on(&mut vcpu, 0x8000_0001, 0);
+        let h = host(0x8000_0001);
+        assert_eq!(
+            r,
+            CpuidRegs {
+                eax: 0,
+                ebx: 0,
+                ecx: h.ecx,
+                edx: h.edx
+            }
+        );
+        assert_ne!(r.edx & (1 << 29), 0, "a 64-bit host reports long mode");
     }
 
     #[test]
-    fn ceil_log2_rounds_up() {
-        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(ceil_log2), [0, 1, 2, 2, 3, 3, 4]);
+    fn cpuid_ignores_the_subleaf() {
+        let mut vcpu = vcpu();
+        assert_eq!(cpuid_on(&mut vcpu, 1, 0), cpuid_on(&mut vcpu, 1, 7));
+    }
+
+    #[test]
+    fn cpuid_of_any_other_leaf_is_all_zero() {
+        let mut vcpu = vcpu();
+        for l in [
+            2,
+            4,
+            7,
+            0xb,
+            0xd,
+            0x4000_0002,
+            0x8000_0002,
+            0x8000_0008,
+            0x1234_5678,
+        ] {
+            assert_eq!(
+                cpuid_on(&mut vcpu, l, 0),
+                CpuidRegs::default(),
+                "leaf {l:#x}"
+            );
+        }
     }
 }

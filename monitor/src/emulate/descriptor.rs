@@ -1,33 +1,20 @@
 //! Descriptor-table registers: `lgdt`, `lidt`, `sgdt`, `sidt` (the 10-byte pseudo-descriptor
 //! of 64-bit mode: a 16-bit limit, then a 64-bit base) and the selectors `lldt`, `ltr`,
-//! `sldt`, `str`.
+//! `sldt`, `str` (`docs/guest-platform.md`, "Flags, segments and descriptor tables").
 //!
-//! The registers are virtual ([`Vcpu::tables`]); nothing reads the tables they point at yet,
-//! and the real GDT/IDT of the VM process are the host's. Checks done, as hardware would:
-//! `lgdt`/`lidt` refuse a non-canonical base; `ltr` refuses a null selector; `lldt`/`ltr`
-//! refuse a selector with the TI (LDT) bit and, once a GDT is loaded (limit non-zero), one
-//! whose 16-byte system descriptor lies beyond the GDT limit. `ltr` does not mark the TSS
-//! busy (the GDT is not written). `sldt`/`str` store 16 bits to memory, zero-extend into a
-//! 32/64-bit register.
+//! The registers are virtual ([`Vcpu::tables`], all zero at start) and the tables they point
+//! at are not read yet, so there are no descriptor checks: `lgdt`/`lidt` load any value and
+//! `sgdt`/`sidt` store it back exactly; `lldt`/`ltr` store the 16-bit selector (from a
+//! register or memory) and `sldt`/`str` read it back (16 bits to memory, zero-extended into a
+//! 32/64-bit register). The real GDT/IDT of the VM process are the host's.
 #![forbid(unsafe_code)]
 
 use iced_x86::Mnemonic;
 
-use super::operand::{effective_address, is_canonical, read_rm, read_u64, write_rm};
+use super::operand::{effective_address, read_rm, read_u64, write_rm};
 use super::{EmulateError, Insn, Outcome};
 use crate::platform::Platform;
 use crate::vcpu::{DescriptorTable, Vcpu};
-
-fn check_system_selector(vcpu: &Vcpu, insn: &Insn, selector: u16) -> Result<(), EmulateError> {
-    if selector & 0x4 != 0 {
-        return Err(insn.general_protection("system selector refers to the ldt"));
-    }
-    let limit = vcpu.tables.gdtr.limit;
-    if selector & !0x7 != 0 && limit != 0 && u32::from(selector & !0x7) + 15 > u32::from(limit) {
-        return Err(insn.general_protection("selector beyond the gdt limit"));
-    }
-    Ok(())
-}
 
 pub(crate) fn emulate(
     vcpu: &mut Vcpu,
@@ -40,9 +27,6 @@ pub(crate) fn emulate(
             let gva = effective_address(p.regs(), insn, 0)?;
             let limit = read_u64(p, insn, gva, 2)? as u16;
             let base = read_u64(p, insn, gva.wrapping_add(2), 8)?;
-            if !is_canonical(base) {
-                return Err(insn.general_protection("descriptor table base is not canonical"));
-            }
             let table = DescriptorTable { base, limit };
             if mnemonic == Mnemonic::Lgdt {
                 vcpu.tables.gdtr = table;
@@ -64,17 +48,10 @@ pub(crate) fn emulate(
                 .map_err(|f| insn.operand_fault(f))?;
         }
         Mnemonic::Lldt => {
-            let selector = read_rm(p, insn, 0, 2)? as u16;
-            check_system_selector(vcpu, insn, selector)?;
-            vcpu.tables.ldtr = selector;
+            vcpu.tables.ldtr = read_rm(p, insn, 0, 2)? as u16;
         }
         Mnemonic::Ltr => {
-            let selector = read_rm(p, insn, 0, 2)? as u16;
-            if selector & !0x3 == 0 {
-                return Err(insn.general_protection("ltr of a null selector"));
-            }
-            check_system_selector(vcpu, insn, selector)?;
-            vcpu.tables.tr = selector;
+            vcpu.tables.tr = read_rm(p, insn, 0, 2)? as u16;
         }
         Mnemonic::Sldt => write_rm(p, insn, 0, vcpu.tables.ldtr.into(), 2)?,
         Mnemonic::Str => write_rm(p, insn, 0, vcpu.tables.tr.into(), 2)?,
@@ -175,16 +152,18 @@ mod tests {
     }
 
     #[test]
-    fn lgdt_with_a_non_canonical_base_is_refused() {
+    fn lgdt_stores_any_base_without_descriptor_checks() {
         let mut vcpu = vcpu();
         let mut p = platform(&[0x0f, 0x01, 0x10]);
         p.regs.rax = DATA;
-        p.poke(DATA, &pseudo_descriptor(0x3f, 0x8000_0000_0000));
-        assert!(
-            run(&mut vcpu, &mut p)
-                .unwrap_err()
-                .to_string()
-                .contains("not canonical")
+        p.poke(DATA, &pseudo_descriptor(0, 0x8000_0000_0000));
+        run_ok(&mut vcpu, &mut p, 3);
+        assert_eq!(
+            vcpu.tables.gdtr,
+            DescriptorTable {
+                base: 0x8000_0000_0000,
+                limit: 0
+            }
         );
     }
 
@@ -202,26 +181,17 @@ mod tests {
     }
 
     #[test]
-    fn ltr_of_a_null_selector_or_one_beyond_the_gdt_is_refused() {
+    fn ltr_and_lldt_store_any_selector_even_null() {
         let mut vcpu = vcpu();
-        let mut p = platform(&[0x0f, 0x00, 0xd8]);
-        p.regs.rax = 0;
-        assert!(
-            run(&mut vcpu, &mut p)
-                .unwrap_err()
-                .to_string()
-                .contains("null selector")
-        );
-        vcpu.tables.gdtr.limit = 0x3f;
-        p.regs.rax = 0x38;
-        assert!(
-            run(&mut vcpu, &mut p)
-                .unwrap_err()
-                .to_string()
-                .contains("gdt limit")
-        );
-        p.regs.rax = 0x30;
+        vcpu.tables.tr = 0x40;
+        let mut p = platform(&[0x0f, 0x00, 0xd8]); // ltr %ax
+        p.regs.rax = 0xffff_0000;
         run_ok(&mut vcpu, &mut p, 3);
+        assert_eq!(vcpu.tables.tr, 0);
+        let mut p = platform(&[0x0f, 0x00, 0xd1]); // lldt %cx
+        p.regs.rcx = 0xfffc;
+        run_ok(&mut vcpu, &mut p, 3);
+        assert_eq!(vcpu.tables.ldtr, 0xfffc);
     }
 
     #[test]

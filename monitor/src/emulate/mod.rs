@@ -10,12 +10,14 @@
 //! |------|--------------|
 //! | [`cpuid`] | `cpuid` |
 //! | [`msr`] | `rdmsr`, `wrmsr` |
-//! | [`control`] | `mov` to/from `%crN`/`%drN`, `clts`, `lmsw`, `smsw`, `invlpg`, `invpcid`, `wbinvd`, `invd`, `xsetbv` |
+//! | [`control`] | `mov` to/from `%crN`/`%drN`, `clts`, `lmsw`, `smsw`, `invlpg`, `invpcid`, `wbinvd`, `wbnoinvd`, `invd`, `xsetbv` |
 //! | [`descriptor`] | `lgdt`, `lidt`, `lldt`, `ltr`, `sgdt`, `sidt`, `sldt`, `str` |
 //! | [`flags`] | `cli`, `sti`, `pushf`, `popf` |
 //! | [`port`] | `in`, `out`, `ins`, `outs` (with `rep`) |
-//! | [`segment`] | `mov` to/from segment registers, `push`/`pop` `%fs`/`%gs`, `swapgs` |
-//! | [`system`] | `hlt`, `monitor`, `mwait`; `iret`/`sysret`/`sysexit`/`syscall`/`sysenter` are refused |
+//! | [`segment`] | `mov` to/from segment registers, `push`/`pop` `%fs`/`%gs`, `lfs`/`lgs`/`lss`, `swapgs` |
+//! | [`system`] | `hlt`, `monitor`, `mwait`, `iretq`, `sysret`; `iret`/`iretl`/`iretw`/`sysexit` raise `#UD`; `syscall`/`sysenter` are refused |
+//!
+//! The semantics are those of `docs/guest-platform.md`; each handler file documents its part.
 //! | [`ordering`] | `mfence`, `lfence`, `sfence`, `serialize`, `lock`-prefixed instructions, `xchg` with memory |
 //!
 //! The trap path does not allocate: the instruction is fetched into a stack buffer, decoded
@@ -174,6 +176,34 @@ impl fmt::Debug for InsnSite {
     }
 }
 
+/// A guest exception the emulator raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Exception {
+    /// `#UD`, vector 6.
+    InvalidOpcode,
+    /// `#GP`, vector 13.
+    GeneralProtection,
+}
+
+impl Exception {
+    /// The exception's vector number.
+    pub const fn vector(self) -> u8 {
+        match self {
+            Exception::InvalidOpcode => 6,
+            Exception::GeneralProtection => 13,
+        }
+    }
+}
+
+impl fmt::Display for Exception {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Exception::InvalidOpcode => "#UD (invalid opcode)",
+            Exception::GeneralProtection => "#GP (general protection)",
+        })
+    }
+}
+
 /// Why an instruction could not be emulated. Each of these ends the run; the message names
 /// the guest RIP, the instruction bytes and the disassembly.
 #[derive(Debug, thiserror::Error)]
@@ -198,22 +228,25 @@ pub enum EmulateError {
     /// A memory operand of the instruction is not in guest memory.
     #[error("the memory operand faulted ({fault}) in the instruction at {site}")]
     AccessOperand { site: InsnSite, fault: MemFault },
-    /// `rdmsr` of an MSR the vCPU does not have (a #GP on real hardware).
-    #[error("rdmsr of unknown msr {msr:#x} at {site}")]
+    /// `rdmsr` of an MSR the vCPU does not have: a guest `#GP`.
+    #[error("guest exception #GP: rdmsr of unknown msr {msr:#x} at {site}")]
     ReadMsr { site: InsnSite, msr: u32 },
-    /// `wrmsr` of an unknown MSR or of a value it does not accept (a #GP on real hardware).
-    #[error("wrmsr of {value:#x} to msr {msr:#x} refused ({reason}) at {site}")]
+    /// `wrmsr` of an unknown MSR or of a value it does not accept: a guest `#GP`.
+    #[error(
+        "guest exception #GP: wrmsr of {value:#x} to msr {msr:#x} refused ({reason}) at {site}"
+    )]
     WriteMsr {
         site: InsnSite,
         msr: u32,
         value: u64,
         reason: &'static str,
     },
-    /// The instruction would raise #GP (or #UD) on real hardware: the reason says why. With no
-    /// guest IDT yet, the monitor cannot deliver the exception.
-    #[error("general protection fault ({reason}) at {site}")]
-    GeneralProtection {
+    /// The instruction raises a guest exception (`#GP`, `#UD`) as `docs/guest-platform.md`
+    /// says; the reason says why. The guest has no IDT to deliver it to yet, so the run ends.
+    #[error("guest exception {exception} ({reason}) at {site}")]
+    GuestException {
         site: InsnSite,
+        exception: Exception,
         reason: &'static str,
     },
     /// A device failed to complete the port access.
@@ -244,8 +277,17 @@ impl Insn {
     }
 
     pub(crate) fn general_protection(&self, reason: &'static str) -> EmulateError {
-        EmulateError::GeneralProtection {
+        EmulateError::GuestException {
             site: self.site,
+            exception: Exception::GeneralProtection,
+            reason,
+        }
+    }
+
+    pub(crate) fn invalid_opcode(&self, reason: &'static str) -> EmulateError {
+        EmulateError::GuestException {
+            site: self.site,
+            exception: Exception::InvalidOpcode,
             reason,
         }
     }
@@ -355,6 +397,7 @@ fn dispatch(
         | Mnemonic::Invlpg
         | Mnemonic::Invpcid
         | Mnemonic::Wbinvd
+        | Mnemonic::Wbnoinvd
         | Mnemonic::Invd
         | Mnemonic::Xsetbv => control::emulate(vcpu, p, insn),
         Mnemonic::Lgdt
@@ -382,6 +425,7 @@ fn dispatch(
         | Mnemonic::Outsw
         | Mnemonic::Outsd => port::emulate(vcpu, p, insn),
         Mnemonic::Swapgs => segment::swapgs(vcpu, p),
+        Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => segment::load_far_pointer(vcpu, p, insn),
         Mnemonic::Push | Mnemonic::Pop if segment::is_push_pop_fs_gs(&insn.instr) => {
             segment::push_pop_fs_gs(vcpu, p, insn)
         }

@@ -1,30 +1,27 @@
-//! `rdmsr` and `wrmsr`: the vCPU's model-specific registers. ECX names the MSR; the value is
-//! EDX:EAX (a read zero-extends both into RDX and RAX).
+//! `rdmsr` and `wrmsr`: the vCPU's model-specific registers, as `docs/guest-platform.md`
+//! (section MSRs) defines them. ECX names the MSR; the value is EDX:EAX (a read zero-extends
+//! both into RDX and RAX).
 //!
 //! | MSR | behaviour |
 //! |-----|-----------|
 //! | IA32_TIME_STAMP_COUNTER (0x10) | read: host TSC + offset; write: sets the offset so that a read now returns the value written. `rdtsc` itself is unprivileged and not trapped: it keeps returning the host TSC |
-//! | IA32_APIC_BASE (0x1b) | 0xfee00900 on vCPU 0 (BSP, enabled), 0xfee00800 on the others; a write may toggle the enable bit only (moving the APIC, x2APIC mode and the BSP bit are refused) |
-//! | IA32_SYSENTER_CS/ESP/EIP (0x174-0x176) | stored |
-//! | IA32_PAT (0x277) | stored; reset value 0x0007040600070406; every byte must be a valid memory type |
-//! | IA32_EFER (0xc0000080) | SCE (0) and NXE (11) may change; LME (8) and LMA (10) stay set (the guest cannot leave long mode); other bits refused |
+//! | IA32_APIC_BASE (0x1b) | 0xfee00900 on vCPU 0 (BSP, enabled), 0xfee00800 on the others; writing the current value changes nothing, any other value is refused (the APIC cannot move or be disabled) |
+//! | IA32_EFER (0xc0000080) | SCE (0) and NXE (11) are stored; LME (8) and LMA (10) must be written as 1; other bits refused |
 //! | STAR (0xc0000081), FMASK (0xc0000084) | stored (FMASK's upper 32 bits must be zero) |
 //! | LSTAR (0xc0000082), CSTAR (0xc0000083), KERNEL_GS_BASE (0xc0000102) | stored; must be canonical |
 //! | FS_BASE (0xc0000100), GS_BASE (0xc0000101) | the real bases in the guest's registers (the run loop writes them back); must be canonical |
-//! | anything else | an [`EmulateError`] naming the MSR (a #GP on real hardware; there is no guest IDT to deliver it to) |
+//! | anything else | a guest `#GP`: an [`EmulateError`] naming the MSR (there is no guest IDT to deliver it to) |
+//!
+//! A refused write is a guest `#GP` too ([`EmulateError::WriteMsr`], with the reason).
 #![forbid(unsafe_code)]
 
 use super::operand::is_canonical;
 use super::{EmulateError, Insn, Outcome, sys};
 use crate::platform::Platform;
-use crate::vcpu::{APIC_BASE_BSP, APIC_BASE_ENABLE, Vcpu};
+use crate::vcpu::Vcpu;
 
 pub const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
 pub const IA32_APIC_BASE: u32 = 0x1b;
-pub const IA32_SYSENTER_CS: u32 = 0x174;
-pub const IA32_SYSENTER_ESP: u32 = 0x175;
-pub const IA32_SYSENTER_EIP: u32 = 0x176;
-pub const IA32_PAT: u32 = 0x277;
 pub const IA32_EFER: u32 = 0xc000_0080;
 pub const IA32_STAR: u32 = 0xc000_0081;
 pub const IA32_LSTAR: u32 = 0xc000_0082;
@@ -50,10 +47,6 @@ pub fn read(vcpu: &Vcpu, p: &mut impl Platform, msr: u32) -> Option<u64> {
     Some(match msr {
         IA32_TIME_STAMP_COUNTER => sys::host_tsc().wrapping_add(m.tsc_offset),
         IA32_APIC_BASE => m.apic_base,
-        IA32_SYSENTER_CS => m.sysenter_cs,
-        IA32_SYSENTER_ESP => m.sysenter_esp,
-        IA32_SYSENTER_EIP => m.sysenter_eip,
-        IA32_PAT => m.pat,
         IA32_EFER => vcpu.efer,
         IA32_STAR => m.star,
         IA32_LSTAR => m.lstar,
@@ -84,36 +77,20 @@ pub fn write(
     match msr {
         IA32_TIME_STAMP_COUNTER => m.tsc_offset = value.wrapping_sub(sys::host_tsc()),
         IA32_APIC_BASE => {
-            if value & !(APIC_BASE_ENABLE | APIC_BASE_BSP) != crate::layout::APIC_BASE {
-                return Err("only the enable bit of the apic base may change");
+            if value != m.apic_base {
+                return Err("the local apic cannot be moved or disabled");
             }
-            if (value ^ m.apic_base) & APIC_BASE_BSP != 0 {
-                return Err("the bootstrap-processor bit is read-only");
-            }
-            m.apic_base = value;
-        }
-        IA32_SYSENTER_CS => m.sysenter_cs = value,
-        IA32_SYSENTER_ESP => m.sysenter_esp = canonical(value)?,
-        IA32_SYSENTER_EIP => m.sysenter_eip = canonical(value)?,
-        IA32_PAT => {
-            let valid = value
-                .to_le_bytes()
-                .iter()
-                .all(|&t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7));
-            if !valid {
-                return Err("invalid memory type in the pat");
-            }
-            m.pat = value;
         }
         IA32_EFER => {
             if value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
                 return Err("reserved or unsupported efer bits");
             }
-            if value & EFER_LME == 0 {
-                return Err("the guest cannot leave long mode");
+            if value & (EFER_LME | EFER_LMA) != EFER_LME | EFER_LMA {
+                return Err(
+                    "efer.lme and efer.lma must stay set: the guest cannot leave long mode",
+                );
             }
-            // LMA is read-only: it stays as it is.
-            vcpu.efer = (value & !EFER_LMA) | (vcpu.efer & EFER_LMA);
+            vcpu.efer = value;
         }
         IA32_STAR => m.star = value,
         IA32_LSTAR => m.lstar = canonical(value)?,
@@ -189,10 +166,7 @@ mod tests {
         p.regs.rax = 0xdead_beef_0000_0000 | (value & 0xffff_ffff);
         p.regs.rdx = value >> 32;
         run(vcpu, p).map(|e| {
-            assert_eq!(
-                (e.outcome, p.regs.rip),
-                (crate::emulate::Outcome::Resume, CODE + 2)
-            );
+            assert_eq!((e.outcome, p.regs.rip), (Outcome::Resume, CODE + 2));
         })
     }
 
@@ -223,20 +197,33 @@ mod tests {
     }
 
     #[test]
-    fn star_cstar_fmask_sysenter_and_kernel_gs_base_round_trip() {
+    fn star_cstar_fmask_and_kernel_gs_base_round_trip() {
         let (mut vcpu, mut p) = (vcpu(), platform(&[]));
         for (msr, v) in [
             (IA32_STAR, 0x0023_0010_0000_0000),
+            (IA32_STAR, u64::MAX),
             (IA32_CSTAR, 0x40_1000),
             (IA32_FMASK, 0x4_7700),
             (IA32_KERNEL_GS_BASE, 0xffff_8880_0000_0000),
-            (IA32_SYSENTER_CS, 0x10),
-            (IA32_SYSENTER_ESP, 0x8000),
-            (IA32_SYSENTER_EIP, 0x9000),
-            (IA32_PAT, 0x0007_0406_0007_0401),
         ] {
             wrmsr_on(&mut vcpu, &mut p, msr, v).unwrap();
             assert_eq!(rdmsr_on(&mut vcpu, &mut p, msr).unwrap(), v, "msr {msr:#x}");
+        }
+    }
+
+    #[test]
+    fn every_msr_starts_at_its_documented_value() {
+        let (mut vcpu, mut p) = (vcpu(), platform(&[]));
+        for msr in [
+            IA32_STAR,
+            IA32_LSTAR,
+            IA32_CSTAR,
+            IA32_FMASK,
+            IA32_FS_BASE,
+            IA32_GS_BASE,
+            IA32_KERNEL_GS_BASE,
+        ] {
+            assert_eq!(rdmsr_on(&mut vcpu, &mut p, msr).unwrap(), 0, "msr {msr:#x}");
         }
     }
 
@@ -269,48 +256,76 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(
-            msg.contains("unknown msr 0x1a0") && msg.contains("0f 32") && msg.contains("rdmsr"),
+            msg.contains("#GP") && msg.contains("unknown msr 0x1a0") && msg.contains("0f 32"),
             "{msg}"
         );
-        let err = wrmsr_on(&mut vcpu, &mut p, 0x1a0, 1).unwrap_err();
         assert!(
-            err.to_string().contains("msr 0x1a0 refused (unknown msr)"),
+            msg.contains("guest rip 0x100000") && msg.contains("(rdmsr)"),
+            "{msg}"
+        );
+        let err = wrmsr_on(&mut vcpu, &mut p, 0x277, 1).unwrap_err();
+        assert!(
+            err.to_string().contains("msr 0x277 refused (unknown msr)"),
             "{err}"
         );
+        assert_eq!(p.regs.rip, CODE, "rip stays at the faulting instruction");
     }
 
     #[test]
     fn efer_keeps_long_mode_and_lets_sce_and_nxe_change() {
         let (mut vcpu, mut p) = (vcpu(), platform(&[]));
         assert_eq!(rdmsr_on(&mut vcpu, &mut p, IA32_EFER).unwrap(), 0xd01);
-        wrmsr_on(&mut vcpu, &mut p, IA32_EFER, EFER_LME).unwrap();
-        assert_eq!(
-            rdmsr_on(&mut vcpu, &mut p, IA32_EFER).unwrap(),
-            EFER_LME | EFER_LMA
-        );
-        assert!(wrmsr_on(&mut vcpu, &mut p, IA32_EFER, 0).is_err());
-        assert!(wrmsr_on(&mut vcpu, &mut p, IA32_EFER, EFER_LME | (1 << 12)).is_err());
+        wrmsr_on(&mut vcpu, &mut p, IA32_EFER, EFER_LME | EFER_LMA).unwrap();
+        assert_eq!(rdmsr_on(&mut vcpu, &mut p, IA32_EFER).unwrap(), 0x500);
+        for refused in [0, EFER_LME, EFER_LMA | EFER_SCE, 0xd01 | (1 << 12)] {
+            assert!(
+                wrmsr_on(&mut vcpu, &mut p, IA32_EFER, refused).is_err(),
+                "efer {refused:#x}"
+            );
+        }
+        assert_eq!(rdmsr_on(&mut vcpu, &mut p, IA32_EFER).unwrap(), 0x500);
     }
 
     #[test]
-    fn apic_base_depends_on_the_vcpu_and_only_its_enable_bit_changes() {
+    fn apic_base_depends_on_the_vcpu_and_cannot_change() {
         let mut v1 = Vcpu::new(VcpuConfig { id: 1, count: 2 }, Box::new(std::io::sink()));
         let mut p = platform(&[]);
         assert_eq!(
             rdmsr_on(&mut v1, &mut p, IA32_APIC_BASE).unwrap(),
             0xfee0_0800
         );
-        wrmsr_on(&mut v1, &mut p, IA32_APIC_BASE, 0xfee0_0000).unwrap();
+        wrmsr_on(&mut v1, &mut p, IA32_APIC_BASE, 0xfee0_0800).unwrap();
+        for refused in [0xfee0_0000, 0xfed0_0800, 0xfee0_0900, 0xfee0_0c00] {
+            assert!(
+                wrmsr_on(&mut v1, &mut p, IA32_APIC_BASE, refused).is_err(),
+                "{refused:#x}"
+            );
+        }
         assert_eq!(
             rdmsr_on(&mut v1, &mut p, IA32_APIC_BASE).unwrap(),
-            0xfee0_0000
+            0xfee0_0800
         );
-        assert!(wrmsr_on(&mut v1, &mut p, IA32_APIC_BASE, 0xfed0_0800).is_err());
-        assert!(wrmsr_on(&mut v1, &mut p, IA32_APIC_BASE, 0xfee0_0900).is_err());
         let mut v0 = vcpu();
         assert_eq!(
             rdmsr_on(&mut v0, &mut p, IA32_APIC_BASE).unwrap(),
             0xfee0_0900
+        );
+    }
+
+    #[test]
+    fn fmask_with_upper_bits_and_non_canonical_bases_are_refused() {
+        let (mut vcpu, mut p) = (vcpu(), platform(&[]));
+        assert!(wrmsr_on(&mut vcpu, &mut p, IA32_FMASK, 1 << 32).is_err());
+        assert!(wrmsr_on(&mut vcpu, &mut p, IA32_LSTAR, 0x0000_8000_0000_0000).is_err());
+        assert!(wrmsr_on(&mut vcpu, &mut p, IA32_CSTAR, 0x0000_8000_0000_0000).is_err());
+        assert!(
+            wrmsr_on(
+                &mut vcpu,
+                &mut p,
+                IA32_KERNEL_GS_BASE,
+                0xfff0_0000_0000_0000
+            )
+            .is_err()
         );
     }
 
@@ -324,5 +339,7 @@ mod tests {
             read >= target && read - target < 1 << 40,
             "tsc {read:#x} not just after {target:#x}"
         );
+        let again = rdmsr_on(&mut vcpu, &mut p, IA32_TIME_STAMP_COUNTER).unwrap();
+        assert!(again >= read, "the tsc counts up from the value written");
     }
 }

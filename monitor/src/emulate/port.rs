@@ -240,13 +240,23 @@ mod tests {
     }
 
     #[test]
-    fn out_word_to_the_uart_scratch_splits_bytes_across_ports() {
-        let mut vcpu = vcpu();
+    fn out_word_to_the_uart_data_port_prints_its_low_byte() {
+        let (mut vcpu, console) = vcpu_with_console();
         let mut p = platform(&[0x66, 0xef]); // out %ax,(%dx)
-        p.regs.rdx = (COM1_PORT + 6).into();
-        p.regs.rax = 0x5a00;
+        p.regs.rdx = COM1_PORT.into();
+        p.regs.rax = 0x4142;
         run_ok(&mut vcpu, &mut p, 2);
-        assert_eq!(vcpu.ports().read(COM1_PORT + 7, PortSize::Byte), 0x5a);
+        vcpu.flush().unwrap();
+        assert_eq!(console.text(), "B");
+    }
+
+    #[test]
+    fn in_from_the_exit_port_reads_zero() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0xe4, 0xf4]); // in $0xf4,%al
+        p.regs.rax = 0xffff;
+        run_ok(&mut vcpu, &mut p, 2);
+        assert_eq!(p.regs.rax, 0xff00);
     }
 
     #[test]

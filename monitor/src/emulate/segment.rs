@@ -1,23 +1,28 @@
-//! Segment registers: `mov` to and from `%cs`/`%ss`/`%ds`/`%es`/`%fs`/`%gs`, `push`/`pop` of
-//! `%fs`/`%gs`, and `swapgs`.
+//! Segment registers: `mov` to and from `%ss`/`%ds`/`%es`/`%fs`/`%gs` (and from `%cs`),
+//! `push`/`pop` of `%fs`/`%gs`, `lfs`/`lgs`/`lss`, and `swapgs`
+//! (`docs/guest-platform.md`, "Flags, segments and descriptor tables").
 //!
-//! The VM process keeps the host's flat user selectors, which ptrace will not let us change
-//! arbitrarily; the guest sees virtual selectors ([`Vcpu::selectors`], initially
-//! `%cs` = 0x10, `%ss`/`%ds`/`%es` = 0x18, `%fs`/`%gs` = 0, as in a Linux kernel). Loading a
-//! selector stores it and changes nothing real: in 64-bit mode the CS/SS/DS/ES bases are 0
-//! anyway, and the FS/GS bases change only through the FS_BASE/GS_BASE MSRs, `wrfsbase`/
-//! `wrgsbase` and `swapgs` (a load of `%fs`/`%gs` does not reset the base as it would from a
-//! real descriptor). A non-null selector must lie within the GDT limit once a GDT is loaded,
-//! and must not refer to the LDT; a null selector is accepted (also for `%ss`, as at CPL 0
-//! in 64-bit mode). `mov` to `%cs` does not exist (#UD).
+//! The VM process keeps the host's flat user selectors (ptrace will not let us change them
+//! arbitrarily). A load stores the selector in the vCPU ([`Vcpu::selectors`]) and changes
+//! nothing real: in 64-bit mode the CS/SS/DS/ES bases are 0 anyway, and loading `%fs`/`%gs`
+//! does **not** change their bases, which change only through the FS_BASE/GS_BASE MSRs,
+//! `wrfsbase`/`wrgsbase` and `swapgs`. The descriptor tables are not read, so any selector is
+//! accepted. `mov` to `%cs` does not exist (`#UD`).
 //!
-//! `mov` from a segment register stores 16 bits to memory and zero-extends into a 32/64-bit
-//! register. `swapgs` exchanges the real GS base with KERNEL_GS_BASE.
+//! Reads (`mov %ds,%ax`, `push %fs`) are not sensitive and normally run natively, returning
+//! the host's selectors; if a marker precedes one anyway, it returns the virtual selector,
+//! which starts equal to the host's (CS 0x33, SS 0x2b, the others 0): 16 bits to memory,
+//! zero-extended into a 32/64-bit register.
+//!
+//! `lfs`/`lgs`/`lss` load a far pointer: the offset (2, 4 or 8 bytes by operand size) into
+//! the register, then the 16-bit selector that follows it into the segment register.
+//!
+//! `swapgs` exchanges the real GS base with KERNEL_GS_BASE.
 #![forbid(unsafe_code)]
 
-use iced_x86::{Code, Instruction, Register};
+use iced_x86::{Code, Instruction, Mnemonic, Register};
 
-use super::operand::{pop, push, read_rm, write_rm};
+use super::operand::{effective_address, pop, push, read_rm, read_u64, write_reg, write_rm};
 use super::{EmulateError, Insn, Outcome};
 use crate::platform::Platform;
 use crate::vcpu::Vcpu;
@@ -63,18 +68,15 @@ fn selector_slot(vcpu: &mut Vcpu, reg: Register) -> Option<&mut u16> {
     })
 }
 
-fn load(vcpu: &mut Vcpu, insn: &Insn, reg: Register, selector: u16) -> Result<(), EmulateError> {
+/// Loads `selector` into segment register `reg` (virtually).
+pub(crate) fn load(
+    vcpu: &mut Vcpu,
+    insn: &Insn,
+    reg: Register,
+    selector: u16,
+) -> Result<(), EmulateError> {
     if reg == Register::CS {
-        return Err(insn.general_protection("mov to %cs does not exist (#UD)"));
-    }
-    if selector & !0x3 != 0 {
-        if selector & 0x4 != 0 {
-            return Err(insn.general_protection("segment selector refers to the ldt"));
-        }
-        let limit = vcpu.tables.gdtr.limit;
-        if limit != 0 && u32::from(selector | 0x7) > u32::from(limit) {
-            return Err(insn.general_protection("segment selector beyond the gdt limit"));
-        }
+        return Err(insn.invalid_opcode("mov to %cs does not exist"));
     }
     let slot =
         selector_slot(vcpu, reg).ok_or_else(|| insn.unsupported("unknown segment register"))?;
@@ -123,11 +125,32 @@ pub(crate) fn push_pop_fs_gs(
         };
         push(p, insn, selector.into(), len)?;
     } else {
-        let rsp = p.regs().rsp;
-        let selector = super::operand::read_u64(p, insn, rsp, len)? as u16;
+        let selector = pop(p, insn, len)? as u16;
         load(vcpu, insn, reg, selector)?;
-        pop(p, insn, len)?;
     }
+    Ok(Outcome::Resume)
+}
+
+/// `lfs`, `lgs`, `lss`: op0 = the offset register, op1 = the far pointer in memory.
+pub(crate) fn load_far_pointer(
+    vcpu: &mut Vcpu,
+    p: &mut impl Platform,
+    insn: &Insn,
+) -> Result<Outcome, EmulateError> {
+    let instr = &insn.instr;
+    let reg = instr.op0_register();
+    let offset_len = reg.size();
+    let gva = effective_address(p.regs(), insn, 1)?;
+    let offset = read_u64(p, insn, gva, offset_len)?;
+    let selector = read_u64(p, insn, gva.wrapping_add(offset_len as u64), 2)? as u16;
+    let sreg = match instr.mnemonic() {
+        Mnemonic::Lfs => Register::FS,
+        Mnemonic::Lgs => Register::GS,
+        _ => Register::SS,
+    };
+    load(vcpu, insn, sreg, selector)?;
+    write_reg(p.regs(), reg, offset)
+        .ok_or_else(|| insn.unsupported("far pointer load into a non-general register"))?;
     Ok(Outcome::Resume)
 }
 
@@ -139,6 +162,7 @@ pub(crate) fn swapgs(vcpu: &mut Vcpu, p: &mut impl Platform) -> Result<Outcome, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emulate::Exception;
     use crate::emulate::test_util::*;
 
     #[test]
@@ -165,17 +189,41 @@ mod tests {
     }
 
     #[test]
-    fn mov_from_ss_reads_the_virtual_selector_zero_extended() {
+    fn mov_to_fs_keeps_the_fs_base() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x8e, 0xe0]); // mov %eax,%fs
+        p.regs.rax = 0x1234;
+        p.regs.fs_base = 0x5000;
+        run_ok(&mut vcpu, &mut p, 2);
+        assert_eq!((vcpu.selectors.fs, p.regs.fs_base), (0x1234, 0x5000));
+    }
+
+    #[test]
+    fn mov_to_es_and_ss_from_memory_and_from_a_register() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x8e, 0x00]); // mov (%rax),%es
+        p.regs.rax = DATA;
+        p.poke(DATA, &[0x18, 0, 0xff, 0xff]);
+        run_ok(&mut vcpu, &mut p, 2);
+        assert_eq!(vcpu.selectors.es, 0x18);
+        let mut p = platform(&[0x8e, 0xd3]); // mov %ebx,%ss
+        p.regs.rbx = 0;
+        run_ok(&mut vcpu, &mut p, 2);
+        assert_eq!(vcpu.selectors.ss, 0);
+    }
+
+    #[test]
+    fn mov_from_ss_and_cs_reads_the_virtual_selector() {
         let mut vcpu = vcpu();
         let mut p = platform(&[0x8c, 0xd0]); // mov %ss,%eax
         p.regs.rax = u64::MAX;
         run_ok(&mut vcpu, &mut p, 2);
-        assert_eq!(p.regs.rax, 0x18);
+        assert_eq!(p.regs.rax, 0x2b);
         let mut p = platform(&[0x8c, 0x0b]); // mov %cs,(%rbx)
         p.regs.rbx = DATA;
         p.poke(DATA, &[0xaa; 4]);
         run_ok(&mut vcpu, &mut p, 2);
-        assert_eq!(p.peek(DATA, 4), &[0x10, 0, 0xaa, 0xaa]);
+        assert_eq!(p.peek(DATA, 4), &[0x33, 0, 0xaa, 0xaa]);
     }
 
     #[test]
@@ -187,52 +235,98 @@ mod tests {
             run(&mut vcpu, &mut p),
             Err(EmulateError::AccessOperand { .. })
         ));
-        assert_eq!(vcpu.selectors.ss, 0x18);
+        assert_eq!(vcpu.selectors.ss, 0x2b);
     }
 
     #[test]
-    fn a_selector_beyond_the_loaded_gdt_or_in_the_ldt_is_refused_but_null_is_accepted() {
-        let mut vcpu = vcpu();
-        vcpu.tables.gdtr.limit = 0x1f;
-        let mut p = platform(&[0x8e, 0xe0]); // mov %eax,%fs
-        p.regs.rax = 0x20;
-        assert!(
-            run(&mut vcpu, &mut p)
-                .unwrap_err()
-                .to_string()
-                .contains("gdt limit")
-        );
-        p.regs.rax = 0x1c;
-        assert!(
-            run(&mut vcpu, &mut p)
-                .unwrap_err()
-                .to_string()
-                .contains("ldt")
-        );
-        p.regs.rax = 0x18;
-        run_ok(&mut vcpu, &mut p, 2);
-        p.regs.rip = CODE;
-        p.regs.rax = 0;
-        run_ok(&mut vcpu, &mut p, 2);
-        assert_eq!(vcpu.selectors.fs, 0);
+    fn mov_to_cs_is_an_invalid_opcode_or_undecodable() {
+        let mut p = platform(&[0x8e, 0xc8]); // mov %eax,%cs
+        match run(&mut vcpu(), &mut p) {
+            Err(EmulateError::GuestException { exception, .. }) => {
+                assert_eq!(exception, Exception::InvalidOpcode)
+            }
+            Err(EmulateError::DecodeInstruction { .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn push_and_pop_fs_and_gs_move_virtual_selectors() {
         let mut vcpu = vcpu();
         vcpu.selectors.gs = 0x18;
-        let mut p = platform(&[0x0f, 0xa8]); // push %gs
+        let mut p = platform(&[0x0f, 0xa8, 0x0f, 0xa1]); // push %gs; pop %fs
         let rsp = p.regs.rsp;
         run_ok(&mut vcpu, &mut p, 2);
         assert_eq!(
             (p.regs.rsp, p.peek(rsp - 8, 8)),
             (rsp - 8, &0x18u64.to_le_bytes()[..])
         );
-        let mut p2 = platform(&[0x0f, 0xa1]); // pop %fs
-        p2.regs.rsp = p.regs.rsp;
-        p2.mem = p.mem.clone();
-        p2.poke(CODE, &[0x0f, 0xa1]);
-        run_ok(&mut vcpu, &mut p2, 2);
-        assert_eq!((vcpu.selectors.fs, p2.regs.rsp), (0x18, rsp));
+        crate::emulate::handle_trap(
+            &mut vcpu,
+            &mut p,
+            crate::emulate::Trap::Marker { insn: CODE + 2 },
+        )
+        .unwrap();
+        assert_eq!(
+            (vcpu.selectors.fs, p.regs.rsp, p.regs.rip),
+            (0x18, rsp, CODE + 4)
+        );
+    }
+
+    #[test]
+    fn pop_gs_from_an_unmapped_stack_is_an_operand_fault() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x0f, 0xa9]); // pop %gs
+        p.regs.rsp = UNMAPPED;
+        assert!(matches!(
+            run(&mut vcpu, &mut p),
+            Err(EmulateError::AccessOperand { .. })
+        ));
+        assert_eq!((vcpu.selectors.gs, p.regs.rsp), (0, UNMAPPED));
+    }
+
+    #[test]
+    fn lss_loads_the_offset_and_the_selector() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x48, 0x0f, 0xb2, 0x20]); // lss (%rax),%rsp
+        p.regs.rax = DATA;
+        p.poke(DATA, &0x1122_3344_5566_7788u64.to_le_bytes());
+        p.poke(DATA + 8, &0x18u16.to_le_bytes());
+        run_ok(&mut vcpu, &mut p, 4);
+        assert_eq!(
+            (p.regs.rsp, vcpu.selectors.ss),
+            (0x1122_3344_5566_7788, 0x18)
+        );
+    }
+
+    #[test]
+    fn lfs_and_lgs_with_a_32_bit_offset() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x0f, 0xb4, 0x18, 0x0f, 0xb5, 0x08]); // lfs (%rax),%ebx; lgs (%rax),%ecx
+        p.regs.rax = DATA;
+        p.regs.rbx = u64::MAX;
+        p.poke(DATA, &[0x78, 0x56, 0x34, 0x12, 0x23, 0x00]);
+        run_ok(&mut vcpu, &mut p, 3);
+        assert_eq!((p.regs.rbx, vcpu.selectors.fs), (0x1234_5678, 0x23));
+        crate::emulate::handle_trap(
+            &mut vcpu,
+            &mut p,
+            crate::emulate::Trap::Marker { insn: CODE + 3 },
+        )
+        .unwrap();
+        assert_eq!((p.regs.rcx, vcpu.selectors.gs), (0x1234_5678, 0x23));
+    }
+
+    #[test]
+    fn lgs_from_an_unmapped_operand_is_an_operand_fault() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x0f, 0xb5, 0x08]);
+        p.regs.rax = UNMAPPED;
+        p.regs.rcx = 7;
+        assert!(matches!(
+            run(&mut vcpu, &mut p),
+            Err(EmulateError::AccessOperand { .. })
+        ));
+        assert_eq!((p.regs.rcx, vcpu.selectors.gs), (7, 0));
     }
 }
