@@ -123,7 +123,8 @@ pub struct Vcpu {
 impl Vcpu {
     /// A vCPU in its start-up state whose console UART writes to `console`.
     ///
-    /// Takes the host CPUID snapshot. Panics if `cfg.id >= cfg.count` (a monitor bug).
+    /// Takes the host CPUID snapshot and builds the decoder's tables
+    /// ([`crate::emulate::warm_up`]), so the first trap allocates nothing either. Panics if `cfg.id >= cfg.count` (a monitor bug).
     pub fn new(cfg: VcpuConfig, console: Box<dyn io::Write + Send>) -> Vcpu {
         assert!(
             cfg.id < cfg.count,
@@ -132,6 +133,7 @@ impl Vcpu {
             cfg.count
         );
         let bsp = if cfg.id == 0 { APIC_BASE_BSP } else { 0 };
+        crate::emulate::warm_up();
         Vcpu {
             config: cfg,
             cr: ControlRegs {

@@ -300,6 +300,14 @@ impl Insn {
     }
 }
 
+/// Builds iced-x86's decoder tables, which it allocates lazily on the first decode, so that
+/// no trap pays for them (or allocates). [`Vcpu::new`] calls it; calling it again is cheap.
+pub fn warm_up() {
+    let cpuid = [0x0f, 0xa2];
+    let instr = Decoder::with_ip(64, &cpuid, 0, DecoderOptions::NONE).decode();
+    assert_eq!(instr.mnemonic(), Mnemonic::Cpuid, "iced-x86 decodes cpuid");
+}
+
 /// Fetches the instruction at `rip`: up to 15 bytes, fewer if the readable memory ends
 /// sooner. Returns the buffer and how many bytes were read.
 fn fetch(
