@@ -43,8 +43,11 @@
 //! (the trap benchmark), `sys` (the only `unsafe`).
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod elf;
 pub mod memory;
 pub mod process;
+pub mod run;
+pub mod stats;
 mod sys;
 pub mod trace;

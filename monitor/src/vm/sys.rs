@@ -366,6 +366,14 @@ pub fn reset_fp_state(pid: Pid) -> Result<(), Errno> {
     if rc == -1 { Err(Errno::last()) } else { Ok(()) }
 }
 
+/// The faulting address of a SIGSEGV, SIGBUS, SIGILL or SIGFPE siginfo.
+pub fn si_addr(info: &libc::siginfo_t) -> u64 {
+    // SAFETY: for the fault signals the kernel fills the `si_addr` member of the union, which
+    // is what this reads; callers check the signal first (for others the value is meaningless
+    // but still an initialised integer-sized field of a kernel-filled struct).
+    unsafe { info.si_addr() as u64 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
