@@ -390,3 +390,52 @@ fn the_vm_process_dies_with_a_killed_monitor() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Builds `guest/examples/NAME.c` with `vsmp cc --marker MARKER`.
+fn build_example(dir: &Path, name: &str, marker: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guest/examples/{name}.c"));
+    let elf = dir.join(format!("{name}-{marker}.elf"));
+    let out = vsmp(&[
+        "cc",
+        "--marker",
+        marker,
+        "-o",
+        elf.to_str().unwrap(),
+        src.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "vsmp cc {name}: {}",
+        text(&out.stderr)
+    );
+    elf
+}
+
+#[test]
+fn the_hello_example_built_by_vsmp_cc_runs_with_both_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    for marker in ["ud2", "int3"] {
+        let elf = build_example(dir.path(), "hello", marker);
+        let (code, out, err) = run_guest(&elf, &[]);
+        assert_eq!(code, Some(0), "marker {marker}: {err}");
+        assert!(
+            out.contains("hello from vCPU 0"),
+            "marker {marker}: {out:?}"
+        );
+        assert!(
+            !err.contains("assuming"),
+            "the marker section was not read: {err}"
+        );
+    }
+}
+
+#[test]
+fn the_instruction_tour_built_by_vsmp_cc_passes_with_both_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    for marker in ["ud2", "int3"] {
+        let elf = build_example(dir.path(), "tour", marker);
+        let (code, out, err) = run_guest(&elf, &["--stats"]);
+        assert_eq!(code, Some(0), "marker {marker}: {out}\n{err}");
+        assert!(err.contains("cpuid") && err.contains("wrmsr"), "{err}");
+    }
+}
