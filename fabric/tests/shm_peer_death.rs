@@ -120,12 +120,10 @@ fn a_killed_shm_peer_process_is_reported_dead_naming_it() {
         .post_write_imm(NodeId(CHILD_RANK), at, &data, data.len() as u32)
         .unwrap();
     group[0].wait(wr, Duration::from_secs(10)).unwrap();
-    let reply = loop {
-        match group[0].recv(Duration::from_secs(20)).unwrap() {
-            Some(Incoming::Message { from, data }) if from == NodeId(CHILD_RANK) => break data,
-            Some(other) => panic!("unexpected {other:?}"),
-            None => panic!("the child never answered"),
-        }
+    let reply = match group[0].recv(Duration::from_secs(20)).unwrap() {
+        Some(Incoming::Message { from, data }) if from == NodeId(CHILD_RANK) => data,
+        Some(other) => panic!("unexpected {other:?}"),
+        None => panic!("the child never answered"),
     };
     assert_eq!(reply, data);
 
