@@ -439,3 +439,25 @@ fn the_instruction_tour_built_by_vsmp_cc_passes_with_both_markers() {
         assert!(err.contains("cpuid") && err.contains("wrmsr"), "{err}");
     }
 }
+
+#[test]
+fn a_vsyscall_that_bypasses_ptrace_is_killed_by_the_seccomp_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    // gettimeofday(NULL, NULL) through the legacy vsyscall page: the kernel emulates it
+    // without a ptrace stop, so only seccomp sees it.
+    let asm = ".text\n.globl _start\n_start:\n    xor %edi, %edi\n    xor %esi, %esi\n    \
+               mov $0xffffffffff600000, %rax\n    call *%rax\n    mov $5, %al\n    MARK\n    \
+               outb %al, $0xf4\n";
+    let elf = build_guest(dir.path(), "vsyscall", asm, "int3", true);
+    let (code, _, err) = run_guest(&elf, &[]);
+    if fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .contains("[vsyscall]")
+    {
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("killed by its seccomp filter"), "{err}");
+    } else {
+        eprintln!("SKIPPED the seccomp check: this kernel has no [vsyscall] page (vsyscall=none)");
+        assert!(err.contains("SIGSEGV"), "{err}");
+    }
+}

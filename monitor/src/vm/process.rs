@@ -3,7 +3,9 @@
 //! 1. The monitor forks; the child (`sys::child_main`) sets PR_SET_PDEATHSIG, becomes a tracee
 //!    (PTRACE_TRACEME), maps guest RAM at VA == GPA over `[NULL_GUARD_END, mem)` with
 //!    MAP_FIXED_NOREPLACE, maps the stub page at [`STUB_ADDR`] (`syscall; int3`), resets its
-//!    signal handlers, closes every descriptor and stops itself with SIGSTOP.
+//!    signal handlers, closes every descriptor, installs a seccomp filter that allows system
+//!    calls only from the stub's `syscall` (and kills the process for any other), and stops
+//!    by jumping into the stub (a getpid, then the `int3`: SIGTRAP).
 //! 2. The monitor sets PTRACE_O_EXITKILL (the child dies with the monitor) and
 //!    PTRACE_O_TRACESYSGOOD, pins the child beside itself, then reads `/proc/PID/maps` and unmaps
 //!    every other mapping (the vsmp binary, libc, heap, stacks, vdso, vvar, the monitor's own
@@ -107,7 +109,7 @@ pub fn spawn(
     let pid = sys::fork_vm_process(&spec).map_err(ProcessError::Fork)?;
     // From here on, dropping `tracee` kills and reaps the child on every error path.
     let mut tracee = Tracee::adopt(pid);
-    let stopped = expect_signal_stop(tracee.wait()?, Signal::SIGSTOP)?;
+    let stopped = expect_signal_stop(tracee.wait()?, Signal::SIGTRAP)?;
     stopped.set_options(Options::PTRACE_O_EXITKILL | Options::PTRACE_O_TRACESYSGOOD)?;
     if let Placement::Together(core) = placement {
         vsmp_affinity::pin_process(pid.as_raw(), core).map_err(ProcessError::Pin)?;

@@ -114,6 +114,11 @@ pub enum RunError {
     },
     #[error("the VM process exited unexpectedly with status {status}")]
     VmExited { status: i32 },
+    #[error(
+        "the VM process was killed by its seccomp filter (SIGSYS): a system call escaped \
+         PTRACE_SYSEMU, e.g. through the kernel's [vsyscall] page"
+    )]
+    KilledBySeccomp,
     #[error("the VM process was killed unexpectedly by {signal}")]
     VmKilled { signal: Signal },
     #[error("cannot write the guest's console output")]
@@ -242,6 +247,7 @@ fn run_loop(
                 return Err(refuse_syscall(&stopped, memory)?);
             }
             StopEvent::Exited(status) => return Err(RunError::VmExited { status }),
+            StopEvent::Killed(Signal::SIGSYS) => return Err(RunError::KilledBySeccomp),
             StopEvent::Killed(signal) => return Err(RunError::VmKilled { signal }),
         };
         let user_regs = stopped.regs()?;

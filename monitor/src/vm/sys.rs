@@ -113,8 +113,8 @@ pub enum ChildStep {
     MapRam = 4,
     MapStub = 5,
     ProtectStub = 6,
-    Stop = 7,
-    Rseq = 8,
+    Rseq = 7,
+    Seccomp = 8,
 }
 
 /// Exit statuses `CHILD_EXIT_BASE + ChildStep` report which set-up step failed.
@@ -131,8 +131,8 @@ impl ChildStep {
             MapRam,
             MapStub,
             ProtectStub,
-            Stop,
             Rseq,
+            Seccomp,
         ]
         .into_iter()
         .find(|s| CHILD_EXIT_BASE + *s as i32 == status)
@@ -147,7 +147,7 @@ impl ChildStep {
             ChildStep::MapRam => "mapping guest RAM at its guest-physical address",
             ChildStep::MapStub => "mapping the syscall stub page",
             ChildStep::ProtectStub => "making the stub page read-execute",
-            ChildStep::Stop => "raising SIGSTOP",
+            ChildStep::Seccomp => "installing its seccomp filter",
             ChildStep::Rseq => "unregistering glibc's rseq area",
         }
     }
@@ -175,7 +175,8 @@ fn child_exit(step: ChildStep) -> ! {
 }
 
 /// The forked child's set-up: dies with the monitor, becomes its tracee, maps guest RAM and the
-/// stub page, drops every descriptor and signal handler, and stops. The monitor
+/// stub page, drops every descriptor and signal handler, installs its seccomp filter and stops at the
+/// stub's int3. The monitor
 /// then unmaps everything else (see `process.rs`) and points RIP at the guest entry.
 fn child_main(spec: &ChildSpec) -> ! {
     // SAFETY: prctl with integer arguments only.
@@ -269,12 +270,79 @@ fn child_main(spec: &ChildSpec) -> ! {
             unsafe { libc::close(fd) };
         }
     }
-    // SAFETY: raise has an integer argument only.
-    if unsafe { libc::raise(libc::SIGSTOP) } != 0 {
-        child_exit(ChildStep::Stop);
+    if !install_seccomp_filter(spec.stub_addr + STUB_SYSCALL_END) {
+        child_exit(ChildStep::Seccomp);
     }
-    // The monitor never resumes the child here: it points RIP at the stub or the guest first.
-    child_exit(ChildStep::Stop)
+    // From here on a system call is allowed only from the stub. Stop for the monitor by running
+    // the stub: a harmless getpid, then its int3 (SIGTRAP).
+    // SAFETY: the stub page is mapped read-execute at `stub_addr` and holds `syscall; int3`;
+    // the int3 stops this process for the monitor, which never resumes it here (it points RIP
+    // at the stub again or at the guest), so control never returns from this jump.
+    unsafe {
+        std::arch::asm!(
+            "jmp {stub}",
+            stub = in(reg) spec.stub_addr,
+            in("rax") libc::SYS_getpid,
+            options(noreturn)
+        )
+    }
+}
+
+/// Offset just past the stub's `syscall` instruction: the instruction pointer seccomp sees for
+/// a system call made by the stub.
+pub const STUB_SYSCALL_END: u64 = 2;
+
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// Offsets in `struct seccomp_data`.
+const SECCOMP_DATA_ARCH: u32 = 4;
+const SECCOMP_DATA_IP_LO: u32 = 8;
+const SECCOMP_DATA_IP_HI: u32 = 12;
+
+const fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// The second line of defence behind PTRACE_SYSEMU: a seccomp filter that lets a system call
+/// through only when it was made by the stub's `syscall` (instruction pointer `allowed_ip`)
+/// and kills the process otherwise. PTRACE_SYSEMU stops a guest `syscall` before seccomp runs,
+/// so the filter only sees what escapes it: the monitor's own injected calls, a bug that
+/// resumed the guest without SYSEMU, or the kernel's `[vsyscall]` emulation.
+fn install_seccomp_filter(allowed_ip: u64) -> bool {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let program = [
+        bpf(BPF_LD | BPF_W | BPF_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 5, AUDIT_ARCH_X86_64),
+        bpf(BPF_LD | BPF_W | BPF_ABS, 0, 0, SECCOMP_DATA_IP_LO),
+        bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 3, allowed_ip as u32),
+        bpf(BPF_LD | BPF_W | BPF_ABS, 0, 0, SECCOMP_DATA_IP_HI),
+        bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, (allowed_ip >> 32) as u32),
+        bpf(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        bpf(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return false;
+    }
+    // SAFETY: the kernel copies the program from `fprog`, which points to `program`; both
+    // live on this stack frame for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    rc == 0
 }
 
 // glibc's description of the calling thread's rseq registration (glibc >= 2.35).
