@@ -334,6 +334,7 @@ fn usage_errors_are_clear() {
             &["-o", "x", "-shared", hello],
             "unsupported option \"-shared\"",
         ),
+        (&["-o", "x", "-flto", hello], "-flto is not supported"),
     ];
     for (args, expected) in cases {
         let out = vsmp_cc(tmp.path(), args);

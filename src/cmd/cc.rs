@@ -142,6 +142,11 @@ fn parse(args: Vec<String>) -> anyhow::Result<Options> {
                     o.asflags.extend(list.split(',').map(str::to_string));
                 } else if let Some(list) = arg.strip_prefix("-Wl,") {
                     o.ldflags.extend(list.split(',').map(str::to_string));
+                } else if arg.starts_with("-flto") {
+                    bail!(
+                        "{arg} is not supported: link-time optimisation emits no assembly for \
+                         the translator to patch"
+                    );
                 } else if arg.starts_with("-O") {
                     o.optimise_given = true;
                     o.cflags.push(arg);
