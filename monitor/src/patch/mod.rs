@@ -112,8 +112,10 @@ pub fn patch(source: &str, marker: Marker) -> Result<Patched, PatchError> {
 
     for stmt in lexer::statements(source)? {
         let parsed = lexer::parse(&stmt);
+        // A label or directive between a marker and its instruction breaks the pair; between
+        // a prefix statement and its instruction it does not (the prefix still applies to the
+        // next instruction, and the marker still goes before the prefix).
         if !parsed.labels.is_empty() {
-            pending = None;
             previous_marker = None;
         }
         match parsed.body {
@@ -126,11 +128,9 @@ pub fn patch(source: &str, marker: Marker) -> Result<Patched, PatchError> {
                     let macro_name = args.split([' ', '\t', ',']).next().unwrap_or_default();
                     macros.insert(macro_name.to_ascii_lowercase());
                 }
-                pending = None;
                 previous_marker = None;
             }
             Body::Assignment => {
-                pending = None;
                 previous_marker = None;
             }
             Body::Instruction {

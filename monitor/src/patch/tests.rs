@@ -302,3 +302,14 @@ fn non_ascii_text_in_comments_and_strings_survives() {
         format!("\t.string \"héllo\" # ünïcode\n\t{M}hlt\n")
     );
 }
+
+#[test]
+fn a_prefix_statement_still_applies_across_directives_and_labels() {
+    assert_eq!(
+        ud2("\tlock\n\t.loc 1 5 3\n\tincl (%rax)\n"),
+        format!("\t{M}lock\n\t.loc 1 5 3\n\tincl (%rax)\n")
+    );
+    let once = ud2("\trep\nagain:\toutsb\n");
+    assert_eq!(once, format!("\t{M}rep\nagain:\toutsb\n"));
+    assert_eq!(ud2(&once), once);
+}
