@@ -313,3 +313,69 @@ fn a_prefix_statement_still_applies_across_directives_and_labels() {
     assert_eq!(once, format!("\t{M}rep\nagain:\toutsb\n"));
     assert_eq!(ud2(&once), once);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FRAGMENTS: &[&str] = &[
+        "hlt",
+        "nop",
+        "cli",
+        "lock",
+        "addl $1,(%rax)",
+        "foo:",
+        "1:",
+        ".loc 1 2 3",
+        "# a comment",
+        "/* a\ncomment */",
+        "rep",
+        "outsb",
+        "movl %eax,%ebx",
+        "xchg %eax,(%rdi)",
+        "xchg %eax,%ebx",
+        "mov %rax,%cr3",
+        ".string \"hlt; cli\"",
+        "ud2",
+        "int3",
+        "str",
+        "str:",
+        "#APP",
+        "#NO_APP",
+        ".macro M\n",
+        ".endm",
+        "pushfq",
+        "movw %ax,%ds",
+        "x = 3",
+    ];
+    const SEPARATORS: &[&str] = &["\n", "; ", " ", "\n\t"];
+
+    fn source() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            (
+                prop::sample::select(FRAGMENTS),
+                prop::sample::select(SEPARATORS),
+            ),
+            0..40,
+        )
+        .prop_map(|parts| parts.into_iter().map(|(f, s)| format!("{f}{s}")).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn patching_is_idempotent_and_only_inserts_markers(src in source()) {
+            for marker in Marker::ALL {
+                let once = patch(&src, marker).unwrap();
+                let twice = patch(&once.text, marker).unwrap();
+                prop_assert_eq!(&twice.text, &once.text);
+                prop_assert_eq!(twice.report.inserted_total(), 0);
+                prop_assert_eq!(once.text.replace(&marker_text(marker), ""), src.clone());
+            }
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(src in "\\PC{0,200}") {
+            let _ = patch(&src, Marker::Ud2);
+        }
+    }
+}
