@@ -64,7 +64,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         placement,
     };
     let mut stats = args.stats.then(TrapStats::new);
-    let result = run_image(&image, &config, Box::new(std::io::stdout()), stats.as_mut());
+    // The monitor runs on its own named thread: it is the ptrace tracer and the thread that
+    // gets pinned, and it lives exactly as long as the VM process.
+    let result = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("monitor-0".into())
+            .spawn_scoped(scope, || {
+                run_image(&image, &config, Box::new(std::io::stdout()), stats.as_mut())
+            })
+            .context("cannot start the monitor thread")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the monitor thread panicked"))
+    })?;
     std::io::stdout()
         .flush()
         .context("cannot flush standard output")?;
