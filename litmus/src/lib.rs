@@ -5,11 +5,13 @@
 //! monitor, the DSM or the fabric.
 #![forbid(unsafe_code)]
 
+pub mod cgen;
 pub mod cond;
 pub mod error;
 pub mod herd;
 pub mod instr;
 pub mod model;
+pub mod native;
 pub mod parse;
 pub mod reg;
 pub mod suite;

@@ -26,7 +26,7 @@ use crate::test::{InitValue, LitmusTest, LocId, ThreadId, Width};
 
 /// Most machine states the explorer visits before giving up (a runaway loop guard; the largest
 /// test in the suite needs well under 100k).
-pub const MAX_STATES: usize = 20_000_000;
+pub const MAX_STATES: usize = 2_000_000;
 
 /// Longest store buffer the explorer allows (a loop that only stores would grow it forever).
 pub const MAX_BUFFER: usize = 64;
@@ -144,6 +144,7 @@ pub fn written_regs(instr: &Instr) -> Vec<Reg> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Pending {
+    thread: u8,
     id: u16,
     addr: u64,
     width: Width,
@@ -154,10 +155,61 @@ struct Pending {
 struct Thread {
     pc: usize,
     zf: bool,
-    regs: [u64; REG_COUNT],
-    buf: Vec<Pending>,
-    /// Reads-from: for each load in execution order, the stores its bytes came from.
-    rf: Vec<u16>,
+}
+
+/// A fast non-cryptographic hasher for the visited set (a multiply-rotate word hash): machine
+/// states are not attacker-chosen, and SipHash dominated the explorer's time.
+#[derive(Debug, Clone, Copy, Default)]
+struct FastHash;
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = WordHasher;
+    fn build_hasher(&self) -> WordHasher {
+        WordHasher(0)
+    }
+}
+
+#[derive(Debug)]
+struct WordHasher(u64);
+
+impl WordHasher {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(Self::K);
+    }
+}
+
+impl std::hash::Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(tail) ^ ((rest.len() as u64) << 56));
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+    fn write_u16(&mut self, i: u16) {
+        self.add(i as u64);
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(i as u64);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
 }
 
 /// Identifies the initial write of every location in the witness.
@@ -166,11 +218,37 @@ const INIT_WRITER: u16 = u16::MAX;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Machine {
     threads: Vec<Thread>,
+    /// The registers each thread uses, flattened (see `Explorer::slots`): hashing only these
+    /// keeps the visited set small and fast.
+    regs: Vec<u64>,
+    /// Every thread's store buffer, grouped by thread (ascending), oldest first within a group.
+    /// One vector for all threads keeps a machine to a handful of allocations.
+    bufs: Vec<Pending>,
     mem: Vec<u8>,
     /// Which store wrote each byte of memory last.
     writer: Vec<u16>,
-    /// Coherence: per location, the stores in the order they reached memory.
-    co: Vec<Vec<u16>>,
+    /// Reads-from, grouped by thread: for each load in execution order, the stores its bytes
+    /// came from.
+    rf: Vec<(u8, u16)>,
+    /// Coherence, grouped by location: the stores in the order they reached memory.
+    co: Vec<(u16, u16)>,
+}
+
+impl Machine {
+    fn buffer(&self, t: usize) -> impl DoubleEndedIterator<Item = &Pending> {
+        self.bufs.iter().filter(move |p| p.thread as usize == t)
+    }
+
+    fn buffer_empty(&self, t: usize) -> bool {
+        self.buffer(t).next().is_none()
+    }
+}
+
+/// Inserts `item` at the end of its group in a vector grouped by ascending `key`.
+fn push_grouped<T, K: Ord>(v: &mut Vec<T>, item: T, key: impl Fn(&T) -> K) {
+    let k = key(&item);
+    let at = v.partition_point(|x| key(x) <= k);
+    v.insert(at, item);
 }
 
 /// Explores every execution of `test` under `model` and returns its final states.
@@ -179,34 +257,51 @@ pub fn explore(
     model: MemoryModel,
     scope: Scope,
 ) -> Result<StateSet, ModelError> {
+    explore_bounded(test, model, scope, MAX_STATES)
+}
+
+/// [`explore`] with an explicit bound on the machine states visited.
+pub fn explore_bounded(
+    test: &LitmusTest,
+    model: MemoryModel,
+    scope: Scope,
+    max_states: usize,
+) -> Result<StateSet, ModelError> {
     let layout = Layout::new(test);
     let keys = observed_keys(test, scope);
+    let (slots, slot_count) = register_slots(test);
     let ex = Explorer {
         test,
         layout: &layout,
         model,
+        slots,
+        slot_count,
     };
     let start = ex.initial();
-    let mut visited: HashSet<Machine> = HashSet::new();
+    let mut visited: HashSet<Machine, FastHash> = HashSet::default();
     let mut finals: HashMap<Vec<u64>, usize> = HashMap::new();
+    // A state is marked visited when first discovered, so each is pushed and expanded once.
+    visited.insert(start.clone());
     let mut stack = vec![start];
     while let Some(m) = stack.pop() {
-        if !visited.insert(m.clone()) {
-            continue;
-        }
-        if visited.len() > MAX_STATES {
-            return Err(ModelError::StateLimit {
-                test: test.name.clone(),
-                limit: MAX_STATES,
-            });
-        }
         let succ = ex.successors(&m)?;
         if succ.is_empty() {
             *finals
                 .entry(keys.iter().map(|k| ex.observe(&m, *k)).collect())
                 .or_default() += 1;
         }
-        stack.extend(succ.into_iter().filter(|s| !visited.contains(s)));
+        for s in succ {
+            if !visited.contains(&s) {
+                if visited.len() >= max_states {
+                    return Err(ModelError::StateLimit {
+                        test: test.name.clone(),
+                        limit: max_states,
+                    });
+                }
+                visited.insert(s.clone());
+                stack.push(s);
+            }
+        }
     }
     let mut states: Vec<(Vec<u64>, usize)> = finals.into_iter().collect();
     let sort_keys: Vec<_> = keys.iter().map(|k| value_type(test, *k)).collect();
@@ -247,6 +342,67 @@ struct Explorer<'a> {
     test: &'a LitmusTest,
     layout: &'a Layout,
     model: MemoryModel,
+    /// For each thread and register, its index in `Machine::regs` if the thread uses it.
+    slots: Vec<[Option<u16>; REG_COUNT]>,
+    slot_count: usize,
+}
+
+/// Assigns a slot in the flat register vector to every register a thread mentions.
+fn register_slots(test: &LitmusTest) -> (Vec<[Option<u16>; REG_COUNT]>, usize) {
+    let mut slots = vec![[None; REG_COUNT]; test.threads.len()];
+    let mut next = 0u16;
+    let mut give = |slots: &mut Vec<[Option<u16>; REG_COUNT]>, t: usize, r: Reg| {
+        let s = &mut slots[t][r.0 as usize];
+        if s.is_none() {
+            *s = Some(next);
+            next += 1;
+        }
+    };
+    for (t, prog) in test.threads.iter().enumerate() {
+        for instr in &prog.instrs {
+            for r in mentioned_regs(instr) {
+                give(&mut slots, t, r);
+            }
+        }
+    }
+    for init in &test.reg_inits {
+        give(&mut slots, init.thread.0, init.reg);
+    }
+    let mut lvals = Vec::new();
+    test.condition.prop.lvals(&mut lvals);
+    for l in lvals {
+        if let Lval::Reg(t, r) = l {
+            give(&mut slots, t.0, r);
+        }
+    }
+    (slots, next as usize)
+}
+
+/// Every register an instruction reads or writes, including address registers.
+fn mentioned_regs(instr: &Instr) -> Vec<Reg> {
+    let mut out = written_regs(instr);
+    let mut operand = |o: &Operand| match o {
+        Operand::Reg(r, _) => out.push(*r),
+        Operand::Mem(m) => {
+            out.extend(m.base);
+            out.extend(m.index.map(|(r, _)| r));
+        }
+        Operand::Imm(_) => {}
+    };
+    match instr {
+        Instr::Mov { dst, src, .. } | Instr::Alu { dst, src, .. } => {
+            operand(dst);
+            operand(src);
+        }
+        Instr::Xchg { dst, .. } | Instr::Xadd { dst, .. } | Instr::Cmpxchg { dst, .. } => {
+            operand(dst)
+        }
+        _ => {}
+    }
+    if matches!(instr, Instr::Cmpxchg { .. }) {
+        out.push(Reg::RAX);
+    }
+    out
 }
 
 /// What one thread's next instruction needs.
@@ -262,6 +418,15 @@ enum Step {
 }
 
 impl Explorer<'_> {
+    fn slot(&self, t: usize, r: Reg) -> Option<usize> {
+        self.slots[t][r.0 as usize].map(usize::from)
+    }
+
+    /// A register's value (a register the thread never mentions is zero).
+    fn reg(&self, m: &Machine, t: usize, r: Reg) -> u64 {
+        self.slot(t, r).map(|i| m.regs[i]).unwrap_or(0)
+    }
+
     fn initial(&self) -> Machine {
         let mut mem = vec![0u8; self.layout.size];
         for (i, loc) in self.test.locations.iter().enumerate() {
@@ -277,34 +442,29 @@ impl Explorer<'_> {
             }
         }
         let threads = (0..self.test.threads.len())
-            .map(|t| {
-                let mut regs = [0u64; REG_COUNT];
-                for init in self.test.reg_inits.iter().filter(|i| i.thread.0 == t) {
-                    regs[init.reg.0 as usize] = self.layout.value(init.value);
-                }
-                Thread {
-                    pc: 0,
-                    zf: false,
-                    regs,
-                    buf: Vec::new(),
-                    rf: Vec::new(),
-                }
-            })
+            .map(|_| Thread { pc: 0, zf: false })
             .collect();
+        let mut regs = vec![0u64; self.slot_count];
+        for init in &self.test.reg_inits {
+            if let Some(i) = self.slot(init.thread.0, init.reg) {
+                regs[i] = self.layout.value(init.value);
+            }
+        }
         let writer = vec![INIT_WRITER; mem.len()];
         Machine {
             threads,
+            regs,
+            bufs: Vec::new(),
             mem,
             writer,
-            co: vec![Vec::new(); self.test.locations.len()],
+            rf: Vec::new(),
+            co: Vec::new(),
         }
     }
 
     fn observe(&self, m: &Machine, k: Lval) -> u64 {
         match k {
-            Lval::Reg(t, r) => {
-                m.threads[t.0].regs[r.0 as usize] & value_type(self.test, k).width.mask()
-            }
+            Lval::Reg(t, r) => self.reg(m, t.0, r) & value_type(self.test, k).width.mask(),
             Lval::Loc(id) => {
                 let w = self.test.location(id).ty.width;
                 let off = self.layout.offsets[id.0];
@@ -325,9 +485,9 @@ impl Explorer<'_> {
             }
         }
         for t in 0..m.threads.len() {
-            if !m.threads[t].buf.is_empty() {
+            if let Some(at) = m.bufs.iter().position(|p| p.thread as usize == t) {
                 let mut next = m.clone();
-                let p = next.threads[t].buf.remove(0);
+                let p = next.bufs.remove(at);
                 self.write_mem(&mut next, p.id, p.addr, p.width, p.value);
                 out.push(next);
             }
@@ -342,7 +502,7 @@ impl Explorer<'_> {
             return Ok(Step::Done);
         };
         let atomic = instr.is_atomic_rmw() || matches!(instr, Instr::Fence(Fence::M));
-        if atomic && !th.buf.is_empty() {
+        if atomic && !m.buffer_empty(t) {
             return Ok(Step::Blocked);
         }
         let mut next = m.clone();
@@ -411,7 +571,7 @@ impl Explorer<'_> {
             }
             Instr::Ret => next.threads[t].pc = prog.instrs.len(),
         }
-        if next.threads[t].buf.len() > MAX_BUFFER {
+        if next.buffer(t).count() > MAX_BUFFER {
             return Err(ModelError::BufferLimit {
                 test: self.test.name.clone(),
                 limit: MAX_BUFFER,
@@ -425,16 +585,15 @@ impl Explorer<'_> {
     }
 
     fn address(&self, m: &Machine, t: usize, mem: Mem, width: Width) -> Result<u64, ModelError> {
-        let regs = &m.threads[t].regs;
         let mut a = mem.disp as u64;
         if let Some(s) = mem.sym {
             a = a.wrapping_add(self.layout.addr(s));
         }
         if let Some(b) = mem.base {
-            a = a.wrapping_add(regs[b.0 as usize]);
+            a = a.wrapping_add(self.reg(m, t, b));
         }
         if let Some((i, scale)) = mem.index {
-            a = a.wrapping_add(regs[i.0 as usize].wrapping_mul(scale as u64));
+            a = a.wrapping_add(self.reg(m, t, i).wrapping_mul(scale as u64));
         }
         let end = ADDR_BASE + self.layout.size as u64;
         if a < ADDR_BASE || a.checked_add(width.bytes() as u64).is_none_or(|e| e > end) {
@@ -456,17 +615,15 @@ impl Explorer<'_> {
     ) -> Result<u64, ModelError> {
         Ok(match op {
             Operand::Imm(v) => v & width.mask(),
-            Operand::Reg(r, w) => m.threads[t].regs[r.0 as usize] & w.mask(),
+            Operand::Reg(r, w) => self.reg(m, t, r) & w.mask(),
             Operand::Mem(mem) => {
                 let a = self.address(m, t, mem, width)?;
                 let mut bytes = [0u8; 8];
                 let mut last_source = None;
                 for (j, byte) in bytes.iter_mut().enumerate().take(width.bytes()) {
                     let addr = a + j as u64;
-                    let th = &m.threads[t];
-                    let buffered = th
-                        .buf
-                        .iter()
+                    let buffered = m
+                        .buffer(t)
                         .rev()
                         .find(|p| addr >= p.addr && addr < p.addr + p.width.bytes() as u64);
                     let off = (addr - ADDR_BASE) as usize;
@@ -476,7 +633,7 @@ impl Explorer<'_> {
                     };
                     *byte = value;
                     if last_source != Some(source) {
-                        m.threads[t].rf.push(source);
+                        push_grouped(&mut m.rf, (t as u8, source), |e| e.0);
                         last_source = Some(source);
                     }
                 }
@@ -498,7 +655,11 @@ impl Explorer<'_> {
         match op {
             Operand::Imm(_) => {}
             Operand::Reg(r, w) => {
-                let slot = &mut m.threads[t].regs[r.0 as usize];
+                // Every register an instruction writes has a slot (see `register_slots`).
+                let Some(i) = self.slot(t, r) else {
+                    return Ok(());
+                };
+                let slot = &mut m.regs[i];
                 *slot = match w {
                     // x86-64: a 32-bit register write zero-extends.
                     Width::W8 | Width::W4 => v & w.mask(),
@@ -513,12 +674,14 @@ impl Explorer<'_> {
                 if self.model == MemoryModel::Sc || instr.is_atomic_rmw() {
                     self.write_mem(m, id, a, width, v);
                 } else {
-                    m.threads[t].buf.push(Pending {
+                    let p = Pending {
+                        thread: t as u8,
                         id,
                         addr: a,
                         width,
                         value: v & width.mask(),
-                    });
+                    };
+                    push_grouped(&mut m.bufs, p, |e| e.thread);
                 }
             }
         }
@@ -530,7 +693,7 @@ impl Explorer<'_> {
         m.mem[off..off + width.bytes()].copy_from_slice(&v.to_le_bytes()[..width.bytes()]);
         m.writer[off..off + width.bytes()].fill(id);
         let loc = self.layout.offsets.partition_point(|o| *o <= off) - 1;
-        m.co[loc].push(id);
+        push_grouped(&mut m.co, (loc as u16, id), |e| e.0);
     }
 }
 
