@@ -461,3 +461,67 @@ fn a_vsyscall_that_bypasses_ptrace_is_killed_by_the_seccomp_filter() {
         assert!(err.contains("SIGSEGV"), "{err}");
     }
 }
+
+#[test]
+fn an_i386_int_0x80_system_call_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("created-by-int80");
+    let asm = format!(
+        r#"
+.section .rodata
+path: .asciz "{}"
+.text
+.globl _start
+_start:
+    lea path(%rip), %rbx
+    mov $0x41, %ecx      # O_CREAT | O_WRONLY
+    mov $0644, %edx
+    mov $5, %eax         # i386 open
+    int $0x80
+    hlt
+"#,
+        victim.display()
+    );
+    let elf = build_guest(dir.path(), "int80", &asm, "ud2", true);
+    let (code, _, err) = run_guest(&elf, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        !victim.exists(),
+        "the guest's int $0x80 open reached the host"
+    );
+    assert!(
+        err.contains("guest attempted host system call 5") && err.contains("with int $0x80"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_jump_outside_guest_ram_is_a_crash_without_instruction_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let asm = ".text\n.globl _start\n_start:\n    mov $0x10000000, %rax\n    jmp *%rax\n";
+    let elf = build_guest(dir.path(), "wildjump", asm, "ud2", true);
+    let (code, _, err) = run_guest(&elf, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("SIGSEGV (address not mapped) at address 0x10000000"),
+        "{err}"
+    );
+    assert!(
+        err.contains("outside guest RAM: no instruction bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_ud2_in_a_guest_built_with_int3_is_a_crash_not_a_trap() {
+    let dir = tempfile::tempdir().unwrap();
+    let asm = ".text\n.globl _start\n_start:\n    ud2\n    cpuid\n    hlt\n";
+    let elf = build_guest(dir.path(), "strayud2", asm, "int3", true);
+    let (code, _, err) = run_guest(&elf, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("guest crashed: SIGILL (invalid opcode (#UD))"),
+        "{err}"
+    );
+    assert!(err.contains("0f 0b (ud2)"), "{err}");
+}

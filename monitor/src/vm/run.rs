@@ -353,7 +353,7 @@ fn signal_cause(signal: Signal, code: i32) -> &'static str {
         (Signal::SIGBUS, 2) => "nonexistent physical address",
         (Signal::SIGBUS, 3) => "object-specific hardware error",
         (Signal::SIGILL, 1) => "illegal opcode",
-        (Signal::SIGILL, 2) => "illegal operand",
+        (Signal::SIGILL, 2) => "invalid opcode (#UD)",
         (Signal::SIGILL, 5) => "privileged opcode",
         (Signal::SIGFPE, 1) => "integer divide by zero",
         (Signal::SIGFPE, 2) => "integer overflow",
