@@ -125,20 +125,56 @@ fn vsmp_mode_generates_guest_programs_then_says_it_needs_a_multi_vcpu_monitor() 
         "{}",
         text(&out.stderr)
     );
-    let generated: Vec<_> = std::fs::read_dir(emit.path()).unwrap().collect();
+    let generated: Vec<_> = std::fs::read_dir(emit.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(generated.len(), 1);
-    let c = std::fs::read_to_string(generated[0].as_ref().unwrap().path()).unwrap();
+    let c = std::fs::read_to_string(&generated[0]).unwrap();
     assert!(
         c.contains("#include <vsmp.h>")
             && c.contains("vsmp_barrier_wait(&bar)")
             && c.contains("vsmp_cpu_id()")
     );
+    // The two-thread guest program builds with the guest toolchain.
+    let elf = emit.path().join("sb.elf");
+    let cc = vsmp(&[
+        "cc",
+        "-o",
+        elf.to_str().unwrap(),
+        generated[0].to_str().unwrap(),
+    ]);
+    assert!(cc.status.success(), "vsmp cc failed: {}", text(&cc.stderr));
     let out = vsmp(&["litmus", "--nodes", "1", sb.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("needs 2 vCPUs"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn single_thread_tests_run_under_the_vsmp_monitor() {
+    let dir = suite();
+    let files = [
+        dir.join("herdtools7/herd/tests/instructions/X86_64/A009.litmus"),
+        dir.join("herdtools7/doc/CoRWR.litmus"),
+        dir.join("litmus-tests-x86/tests/non-mixed-size/CO/CoWR0.litmus"),
+    ];
+    let mut args = vec!["litmus", "--nodes", "1", "--iterations", "40"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let out = vsmp(&args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("Test A009 (") && stdout.contains("on 1 vCPU(s) under vsmp"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  40  0:rcx=-1;  <- condition"), "{stdout}");
+    assert!(
+        stdout.contains("Summary: 3 tests, 3 ok, 0 with a forbidden state, 0 errors"),
+        "{stdout}"
     );
 }
 

@@ -652,22 +652,6 @@ int main(void) {
 "#;
 
 const GUEST_PRELUDE: &str = r#"#include <vsmp.h>
-#include <stdint.h>
-/* The guest has no libc: small memcpy/memset of our own. */
-static void *memcpy_(void *d, const void *s, unsigned long n) {
-    unsigned char *dd = d; const unsigned char *ss = s;
-    while (n--) *dd++ = *ss++;
-    return d;
-}
-static void *memset_(void *d, int c, unsigned long n) {
-    unsigned char *dd = d;
-    while (n--) *dd++ = (unsigned char)c;
-    return d;
-}
-#define memcpy memcpy_
-#define memset memset_
-typedef unsigned long uintptr_t_;
-#define uintptr_t uintptr_t_
 "#;
 
 const GUEST_MAIN: &str = r#"

@@ -7,13 +7,16 @@
 //! - `--native FILES`: compile each test to a host C program (gcc -O2 -pthread), run it
 //!   `--iterations` times, print the counts of each observed final state and `ok` or
 //!   `FORBIDDEN OBSERVED`; exit non-zero if any test fails.
-//! - default / `--nodes N`: generate the vsmp guest program of each test; running it needs a
-//!   monitor with one vCPU per node, which does not exist yet, so this mode says so and fails.
+//! - default / `--nodes N` (N defaults to the largest thread count): generate the vsmp guest
+//!   program of each test (thread i on vCPU i). With one node, the tests (all single-thread)
+//!   are built with `vsmp cc` and run under the monitor with `vsmp run`, and judged like native
+//!   runs. More nodes need a monitor with one vCPU per node, which does not exist yet: the mode
+//!   then says so and exits with status 2.
 //!
 //! A path named `INDEX.tsv` stands for every test the index lists.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -106,6 +109,10 @@ fn stem(i: usize, test: &LitmusTest) -> String {
     format!("{i:03}-{clean}")
 }
 
+/// vCPUs the monitor runs today (issue 2 builds a single-node monitor; the DSM comes later).
+/// Raise this when `vsmp run` runs more than one vCPU.
+const MONITOR_VCPUS: usize = 1;
+
 fn run_vsmp(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let tests = parse_all(paths)?;
     let iterations = args.iterations.unwrap_or(GUEST_DEFAULT_ITERATIONS);
@@ -114,24 +121,87 @@ fn run_vsmp(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     if nodes < needed {
         anyhow::bail!("--nodes {nodes} is too few: a test needs {needed} vCPUs (one per thread)");
     }
+    let dir = native::scratch_dir()?;
+    let mut sources = Vec::new();
     for (i, test) in tests.iter().enumerate() {
         let source = generate(test, Target::Guest, iterations)?;
-        if let Some(dir) = &args.emit {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let path = dir.join(format!("{}.guest.c", stem(i, test)));
+        let c_path = dir.path().join(format!("{}.guest.c", stem(i, test)));
+        std::fs::write(&c_path, &source)
+            .with_context(|| format!("cannot write {}", c_path.display()))?;
+        if let Some(emit) = &args.emit {
+            std::fs::create_dir_all(emit)
+                .with_context(|| format!("cannot create {}", emit.display()))?;
+            let path = emit.join(format!("{}.guest.c", stem(i, test)));
             std::fs::write(&path, source)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             println!("generated {} for {}", path.display(), test.name);
         }
+        sources.push(c_path);
     }
-    eprintln!(
-        "vsmp litmus: generated {} guest program(s) for {nodes} node(s), but running them needs a \
-         monitor with one vCPU per node, and `vsmp run` runs a single vCPU today. Use --native to \
-         run on this host, --model for the allowed states, or --emit DIR to keep the guest programs.",
-        tests.len()
-    );
-    Ok(ExitCode::from(2))
+    if nodes > MONITOR_VCPUS {
+        eprintln!(
+            "vsmp litmus: generated {} guest program(s) for {nodes} node(s), but running them needs a \
+             monitor with one vCPU per node, and `vsmp run` runs {MONITOR_VCPUS} vCPU today. Use \
+             --native to run on this host, --model for the allowed states, or --emit DIR to keep \
+             the guest programs.",
+            tests.len()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    // Single-thread tests run for real: `vsmp cc` then `vsmp run`, one vCPU.
+    let me = std::env::current_exe().context("cannot find the vsmp executable")?;
+    let mut outcomes = Vec::new();
+    for ((test, c_path), path) in tests.iter().zip(&sources).zip(paths) {
+        let elf = c_path.with_extension("elf");
+        let cc = Command::new(&me)
+            .arg("cc")
+            .arg("-o")
+            .arg(&elf)
+            .arg(c_path)
+            .output()
+            .context("cannot run vsmp cc")?;
+        if !cc.status.success() {
+            println!(
+                "Test {} ({})\nERROR vsmp cc failed on {}:\n{}\n",
+                test.name,
+                path.display(),
+                c_path.display(),
+                String::from_utf8_lossy(&cc.stderr)
+            );
+            outcomes.push(Outcome::Error);
+            continue;
+        }
+        let run = |nkeys: usize| -> Result<native::Observed, vsmp_litmus::RunError> {
+            let out = Command::new(&me)
+                .arg("run")
+                .arg(&elf)
+                .output()
+                .map_err(|source| vsmp_litmus::RunError::Spawn {
+                    program: "vsmp run".into(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(vsmp_litmus::RunError::Execute {
+                    test: test.name.clone(),
+                    status: out.status.to_string(),
+                    stderr: format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                });
+            }
+            native::parse_counts(test, &String::from_utf8_lossy(&out.stdout), nkeys)
+        };
+        let placement = |_: &native::Observed| {
+            format!(
+                "{} thread(s) on {nodes} vCPU(s) under vsmp",
+                test.threads.len()
+            )
+        };
+        outcomes.push(run_one(path, test, &placement, run));
+    }
+    Ok(summarize(&outcomes))
 }
 
 /// What happened to one test in a native run.
@@ -210,7 +280,14 @@ fn run_native(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     for (i, (path, test)) in parsed.iter().enumerate() {
         let exe = built[i].lock().ok().and_then(|mut s| s.take());
         let outcome = match exe {
-            Some(Ok(exe)) => run_one(path, test, &exe),
+            Some(Ok(exe)) => {
+                let placement = |o: &native::Observed| {
+                    format!("{} threads on {} cores", test.threads.len(), o.cores)
+                };
+                run_one(path, test, &placement, |nkeys| {
+                    native::execute(test, &exe, nkeys)
+                })
+            }
             Some(Err(e)) => {
                 println!("Test {} ({})\nERROR {e}\n", test.name, path.display());
                 Outcome::Error
@@ -226,6 +303,11 @@ fn run_native(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
         };
         outcomes.push(outcome);
     }
+    Ok(summarize(&outcomes))
+}
+
+/// Prints the summary line and gives the exit status (success only if every test was ok).
+fn summarize(outcomes: &[Outcome]) -> ExitCode {
     let total = outcomes.len();
     let ok = outcomes
         .iter()
@@ -259,14 +341,21 @@ fn run_native(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
         "Summary: {total} tests, {ok} ok, {forbidden} with a forbidden state, {errors} errors; \
          relaxed (non-SC) outcome seen in {relaxed}; condition seen in {condition}"
     );
-    Ok(if ok == total {
+    if ok == total {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
-fn run_one(path: &Path, test: &LitmusTest, exe: &Path) -> Outcome {
+/// Runs one compiled test through `execute` (given the number of outcome keys), judges what it
+/// observed against the model, and prints the test's block.
+fn run_one(
+    path: &Path,
+    test: &LitmusTest,
+    placement: &dyn Fn(&native::Observed) -> String,
+    execute: impl FnOnce(usize) -> Result<native::Observed, vsmp_litmus::RunError>,
+) -> Outcome {
     let models = || -> Result<(StateSet, StateSet, StateSet), vsmp_litmus::ModelError> {
         Ok((
             explore(test, MemoryModel::Tso, Scope::Full)?,
@@ -282,7 +371,7 @@ fn run_one(path: &Path, test: &LitmusTest, exe: &Path) -> Outcome {
         }
     };
     let expected = judge(test, &cond_set).verdict;
-    let observed = match native::execute(test, exe, allowed.keys.len()) {
+    let observed = match execute(allowed.keys.len()) {
         Ok(o) => o,
         Err(e) => {
             println!("Test {} ({})\nERROR {e}\n", test.name, path.display());
@@ -291,13 +380,12 @@ fn run_one(path: &Path, test: &LitmusTest, exe: &Path) -> Outcome {
     };
     let v = native::judge(test, &allowed, &sc, &observed);
     println!(
-        "Test {} ({}) expected {}: {} iterations, {} threads on {} cores",
+        "Test {} ({}) expected {}: {} iterations, {}",
         test.name,
         path.display(),
         expected.as_str(),
         v.total,
-        test.threads.len(),
-        observed.cores
+        placement(&observed)
     );
     print!("{}", v.text);
     println!(
