@@ -19,14 +19,30 @@
 //! the guest nothing: guest code that jumps into it executes a `syscall` under `PTRACE_SYSEMU`,
 //! which stops in the monitor and is refused like any other guest system call.
 //!
+//! Before its first stop the child also unregisters glibc's rseq area (the kernel writes it
+//! on every return to user mode and would raise SIGSEGV once the TLS holding it is unmapped),
+//! resets every signal disposition and closes every descriptor.
+//!
+//! # The guest's state at entry
+//! RIP = the ELF entry, RSP = `layout::boot_stack_top(mem, 0)` (the top of RAM), RFLAGS =
+//! 0x202 (the host needs IF; the guest's virtual IF lives in the vCPU), every other general
+//! register, FS/GS base and data selector 0, CS/SS the host's 64-bit user selectors, x87/SSE
+//! state as after reset (FCW 0x37f, MXCSR 0x1f80, registers zero).
+//!
 //! # Confinement
 //! The guest always runs under `PTRACE_SYSEMU`: a `syscall` (or `int 0x80`, `sysenter`) stops
 //! in the monitor *before* the kernel runs it, and the monitor ends the run with an error naming
 //! the call; the call is never executed. The monitor resumes with `PTRACE_CONT` only to run its
-//! own stub during set-up, with RIP pointing at the stub. The `[vsyscall]` page is in
-//! "execute-only" emulation mode on current kernels: a jump to it emulates `gettimeofday`,
-//! `time` or `getcpu` without a ptrace stop; these only read the clock and the CPU number and
-//! write guest memory. A seccomp filter as a second line of defence is not installed yet.
+//! own stub during set-up, with RIP pointing at the stub.
+//!
+//! A seccomp filter (installed by the child before its first stop) is the second line of
+//! defence: it allows a system call only when the instruction pointer is just past the stub's
+//! `syscall` and kills the VM process (SIGSYS) otherwise. Under `PTRACE_SYSEMU` a guest
+//! `syscall` stops in the monitor before seccomp runs, so the filter sees only what escapes
+//! ptrace: the monitor's own injected calls (allowed), a monitor bug that resumed the guest
+//! without SYSEMU, and the kernel's `[vsyscall]` emulation (a guest jump to
+//! `0xffffffffff600000` would emulate `gettimeofday` without a ptrace stop; the filter kills
+//! it, and the run ends with an error saying so).
 //!
 //! # The trap path
 //! [`run`] waits for a stop, classifies it (ud2 -> SIGILL, int3 -> SIGTRAP, a privileged
