@@ -12,7 +12,7 @@
 //!
 //! Both figures are the interval between consecutive stops as the monitor observes them
 //! (guest code + kernel + monitor work), so their ratio is the monitor's overhead over the bare
-//! primitive. Raw and vsmp alternate in [`ROUNDS`] rounds (a fresh VM process each) so that
+//! primitive. Raw and vsmp alternate in `ROUNDS` (10) rounds (a fresh VM process each) so that
 //! load from elsewhere falls on both alike. Monitor thread and VM process are placed as the [`Placement`] says (by default
 //! both on one core).
 

@@ -55,7 +55,7 @@
 //! forked the VM process may issue ptrace requests for it). No locks.
 //!
 //! Modules: [`elf`] (loader), [`memory`] (guest RAM), [`process`] (spawn + confine),
-//! [`trace`] (ptrace stops as types), [`run`] (the loop), [`stats`] (`--stats`), [`bench`]
+//! [`trace`] (ptrace stops as types), [`run`] (the loop), [`stats`] (`--stats`), [`bench`](mod@bench)
 //! (the trap benchmark), `sys` (the only `unsafe`).
 #![deny(unsafe_code)]
 
