@@ -153,8 +153,8 @@ impl ChildStep {
     }
 }
 
-/// Forks the VM process. The child sets itself up (see [`child_main`]) and stops with SIGSTOP
-/// as a tracee of the calling thread; the parent gets its pid.
+/// Forks the VM process. The child sets itself up (see [`child_main`]) and stops with SIGTRAP
+/// at the stub's `int3` as a tracee of the calling thread; the parent gets its pid.
 pub fn fork_vm_process(spec: &ChildSpec) -> Result<Pid, Errno> {
     // SAFETY: after fork the child runs only `child_main`, which calls async-signal-safe
     // functions (raw syscalls through libc), touches no heap and no lock, and never returns
@@ -175,9 +175,9 @@ fn child_exit(step: ChildStep) -> ! {
 }
 
 /// The forked child's set-up: dies with the monitor, becomes its tracee, maps guest RAM and the
-/// stub page, drops every descriptor and signal handler, installs its seccomp filter and stops at the
-/// stub's int3. The monitor
-/// then unmaps everything else (see `process.rs`) and points RIP at the guest entry.
+/// stub page, drops every descriptor and signal handler, installs its seccomp filter and stops
+/// at the stub's `int3`. The monitor then unmaps everything else (see `process.rs`) and points
+/// RIP at the guest entry.
 fn child_main(spec: &ChildSpec) -> ! {
     // SAFETY: prctl with integer arguments only.
     if unsafe {
@@ -249,7 +249,7 @@ fn child_main(spec: &ChildSpec) -> ! {
     }
     // Default dispositions and an empty mask: the monitor never delivers a signal, but a
     // handler left over from the monitor's runtime would point into unmapped code.
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..=libc::SIGRTMAX() {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
             // SAFETY: SIG_DFL is always a valid disposition; failures (invalid numbers) are
             // harmless and ignored.
