@@ -92,9 +92,16 @@ fn parse_all(paths: &[PathBuf]) -> anyhow::Result<Vec<LitmusTest>> {
 }
 
 fn run_model(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
     for test in parse_all(paths)? {
         let set = explore(&test, MemoryModel::Tso, Scope::Condition)?;
-        println!("{}", report(&test, &set));
+        match writeln!(out, "{}", report(&test, &set)) {
+            Ok(()) => {}
+            // The reader went away (`| head`): stop quietly, like other filters.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+            Err(e) => return Err(e).context("cannot write to standard output"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
