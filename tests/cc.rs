@@ -464,3 +464,118 @@ int main(void) {
     let exe = host_build(tmp.path(), driver, &["-pthread"]);
     run_host(&exe);
 }
+
+/// How long a guest may run before the test gives up on it: a hang guard, not a performance
+/// bound (hello and tour take well under a second).
+const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `vsmp run GUEST` and returns (exit code, stdout, stderr), killing it at the deadline.
+fn vsmp_run(guest: &Path) -> (Option<i32>, String, String) {
+    use std::io::Read;
+    let mut child = Command::new(VSMP)
+        .args(["run", "--log", "error"])
+        .arg(guest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vsmp run");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > RUN_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "vsmp run {} did not finish within {RUN_DEADLINE:?}",
+                guest.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), out, err)
+}
+
+#[test]
+fn hello_and_tour_run_to_success_under_the_monitor_with_both_markers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for marker in Marker::ALL {
+        let hello = build(
+            tmp.path(),
+            marker,
+            &example("hello.c"),
+            &format!("hello-{marker}.elf"),
+        );
+        let (code, out, err) = vsmp_run(&hello);
+        assert_eq!(code, Some(0), "hello ({marker}): {out}{err}");
+        assert!(
+            out.contains("hello from vCPU 0"),
+            "hello ({marker}): {out}{err}"
+        );
+
+        let tour = build(
+            tmp.path(),
+            marker,
+            &example("tour.c"),
+            &format!("tour-{marker}.elf"),
+        );
+        let (code, out, err) = vsmp_run(&tour);
+        assert_eq!(code, Some(0), "tour ({marker}): {out}{err}");
+        assert!(
+            out.contains("tour: all") && !out.contains("MISMATCH"),
+            "tour ({marker}): {out}"
+        );
+    }
+}
+
+#[test]
+fn main_return_value_and_vsmp_exit_become_the_run_exit_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("ret.c"), "int main(void) { return 3; }\n").unwrap();
+    std::fs::write(
+        dir.join("bye.c"),
+        "#include <vsmp.h>\nstatic void deep(int n) { if (n == 0) vsmp_exit(42); deep(n - 1); }\n\
+         int main(void) { vsmp_puts(\"leaving\"); deep(5); return 0; }\n",
+    )
+    .unwrap();
+    let ret = build(dir, Marker::Int3, &dir.join("ret.c"), "ret.elf");
+    assert_eq!(vsmp_run(&ret).0, Some(3));
+    let bye = build(dir, Marker::Ud2, &dir.join("bye.c"), "bye.elf");
+    let (code, out, _) = vsmp_run(&bye);
+    assert_eq!((code, out.as_str()), (Some(42), "leaving\n"));
+}
+
+#[test]
+fn a_tour_mismatch_names_the_check_and_fails_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(example("tour.c")).unwrap();
+    let broken = source.replace("READ_CR(4), 0x20)", "READ_CR(4), 0x21)");
+    assert_ne!(
+        broken, source,
+        "the tour's CR4 check moved: update this test"
+    );
+    let path = tmp.path().join("broken_tour.c");
+    std::fs::write(&path, broken).unwrap();
+    let elf = build(tmp.path(), Marker::Ud2, &path, "broken.elf");
+    let (code, out, _) = vsmp_run(&elf);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("MISMATCH cr4 at boot: got 0x20, expected 0x21"),
+        "{out}"
+    );
+}
