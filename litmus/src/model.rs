@@ -17,6 +17,7 @@
 //! only step taken from that state (a sound partial-order reduction).
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 use crate::cond::Lval;
 use crate::error::ModelError;
@@ -278,10 +279,12 @@ pub fn explore_bounded(
         slot_count,
     };
     let start = ex.initial();
-    let mut visited: HashSet<Machine, FastHash> = HashSet::default();
+    // States are shared between the visited set and the stack, not copied.
+    let mut visited: HashSet<Rc<Machine>, FastHash> = HashSet::default();
     let mut finals: HashMap<Vec<u64>, usize> = HashMap::new();
     // A state is marked visited when first discovered, so each is pushed and expanded once.
-    visited.insert(start.clone());
+    let start = Rc::new(start);
+    visited.insert(Rc::clone(&start));
     let mut stack = vec![start];
     while let Some(m) = stack.pop() {
         let succ = ex.successors(&m)?;
@@ -298,7 +301,8 @@ pub fn explore_bounded(
                         limit: max_states,
                     });
                 }
-                visited.insert(s.clone());
+                let s = Rc::new(s);
+                visited.insert(Rc::clone(&s));
                 stack.push(s);
             }
         }
