@@ -10,8 +10,9 @@
 //! - COM1, [`layout::COM1_PORT`]`..+8`: the console UART ([`uart`]);
 //! - [`layout::EXIT_PORT`]: the exit device ([`exit`]); it reads as 0;
 //! - any other port reads as all-ones of the access width (like an empty PC bus) and ignores
-//!   writes. Both are logged (tracing, `warn`), rate-limited to [`UNKNOWN_PORT_LOG_LIMIT`]
-//!   messages per direction, since a guest can trigger them at will.
+//!   writes. Both are logged at `debug` level (an unclaimed port is normal PC behaviour: Linux
+//!   writes port 0x80 as an I/O delay), rate-limited to [`UNKNOWN_PORT_LOG_LIMIT`] messages
+//!   per direction, since a guest can trigger them at will.
 #![forbid(unsafe_code)]
 
 pub mod exit;
@@ -98,12 +99,12 @@ impl PortBus {
             _ => {
                 if self.unknown_reads_logged < UNKNOWN_PORT_LOG_LIMIT {
                     self.unknown_reads_logged += 1;
-                    tracing::warn!(
+                    tracing::debug!(
                         port = format_args!("{port:#x}"),
                         "guest read an unknown i/o port; it reads as all ones"
                     );
                     if self.unknown_reads_logged == UNKNOWN_PORT_LOG_LIMIT {
-                        tracing::warn!("further reads of unknown i/o ports are not logged");
+                        tracing::debug!("further reads of unknown i/o ports are not logged");
                     }
                 }
                 size.mask()
@@ -128,13 +129,13 @@ impl PortBus {
             _ => {
                 if self.unknown_writes_logged < UNKNOWN_PORT_LOG_LIMIT {
                     self.unknown_writes_logged += 1;
-                    tracing::warn!(
+                    tracing::debug!(
                         port = format_args!("{port:#x}"),
                         value = format_args!("{value:#x}"),
                         "guest wrote an unknown i/o port; the write is ignored"
                     );
                     if self.unknown_writes_logged == UNKNOWN_PORT_LOG_LIMIT {
-                        tracing::warn!("further writes to unknown i/o ports are not logged");
+                        tracing::debug!("further writes to unknown i/o ports are not logged");
                     }
                 }
                 Ok(PortEffect::None)

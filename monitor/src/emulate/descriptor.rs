@@ -11,10 +11,13 @@
 
 use iced_x86::Mnemonic;
 
-use super::operand::{effective_address, read_rm, read_u64, write_rm};
+use super::operand::{effective_address, read_rm, write_rm};
 use super::{EmulateError, Insn, Outcome};
 use crate::platform::Platform;
 use crate::vcpu::{DescriptorTable, Vcpu};
+
+/// Size of the 64-bit mode pseudo-descriptor: a 16-bit limit and a 64-bit base.
+const PSEUDO_DESCRIPTOR_BYTES: usize = 10;
 
 pub(crate) fn emulate(
     vcpu: &mut Vcpu,
@@ -25,9 +28,15 @@ pub(crate) fn emulate(
     match mnemonic {
         Mnemonic::Lgdt | Mnemonic::Lidt => {
             let gva = effective_address(p.regs(), insn, 0)?;
-            let limit = read_u64(p, insn, gva, 2)? as u16;
-            let base = read_u64(p, insn, gva.wrapping_add(2), 8)?;
-            let table = DescriptorTable { base, limit };
+            let mut image = [0u8; PSEUDO_DESCRIPTOR_BYTES];
+            p.read_mem(gva, &mut image)
+                .map_err(|f| insn.operand_fault(f))?;
+            let mut base = [0u8; 8];
+            base.copy_from_slice(&image[2..]);
+            let table = DescriptorTable {
+                limit: u16::from_le_bytes([image[0], image[1]]),
+                base: u64::from_le_bytes(base),
+            };
             if mnemonic == Mnemonic::Lgdt {
                 vcpu.tables.gdtr = table;
             } else {
@@ -41,7 +50,7 @@ pub(crate) fn emulate(
                 vcpu.tables.idtr
             };
             let gva = effective_address(p.regs(), insn, 0)?;
-            let mut image = [0u8; 10];
+            let mut image = [0u8; PSEUDO_DESCRIPTOR_BYTES];
             image[..2].copy_from_slice(&table.limit.to_le_bytes());
             image[2..].copy_from_slice(&table.base.to_le_bytes());
             p.write_mem(gva, &image)

@@ -258,6 +258,38 @@ pub enum EmulateError {
     },
 }
 
+impl EmulateError {
+    /// Guest address of the instruction the error is about.
+    pub fn rip(&self) -> u64 {
+        match self {
+            EmulateError::FetchInstruction { rip, .. } => *rip,
+            EmulateError::DecodeInstruction { site }
+            | EmulateError::NotSensitive { site, .. }
+            | EmulateError::Unsupported { site, .. }
+            | EmulateError::AccessOperand { site, .. }
+            | EmulateError::ReadMsr { site, .. }
+            | EmulateError::WriteMsr { site, .. }
+            | EmulateError::GuestException { site, .. }
+            | EmulateError::Device { site, .. } => site.rip,
+        }
+    }
+
+    /// The instruction as fetched, when there is one (every error but a failed fetch).
+    pub fn site(&self) -> Option<&InsnSite> {
+        match self {
+            EmulateError::FetchInstruction { .. } => None,
+            EmulateError::DecodeInstruction { site }
+            | EmulateError::NotSensitive { site, .. }
+            | EmulateError::Unsupported { site, .. }
+            | EmulateError::AccessOperand { site, .. }
+            | EmulateError::ReadMsr { site, .. }
+            | EmulateError::WriteMsr { site, .. }
+            | EmulateError::GuestException { site, .. }
+            | EmulateError::Device { site, .. } => Some(site),
+        }
+    }
+}
+
 /// An instruction being emulated: the decoded form, its site and where the guest continues.
 pub(crate) struct Insn {
     pub(crate) instr: Instruction,
@@ -513,6 +545,70 @@ mod tests {
     use super::test_util::*;
     use super::*;
     use crate::platform::mock::MockPlatform;
+
+    #[test]
+    fn an_error_displays_the_rip_the_bytes_and_the_gas_disassembly() {
+        let mut p = platform(&[0x0f, 0x01, 0x10]); // lgdt (%rax)
+        p.regs.rax = UNMAPPED;
+        let err = run(&mut vcpu(), &mut p).unwrap_err();
+        assert_eq!(err.rip(), CODE);
+        assert_eq!(
+            err.site().map(InsnSite::bytes),
+            Some(&[0x0f, 0x01, 0x10][..])
+        );
+        assert_eq!(err.site().map(InsnSite::mnemonic), Some(Mnemonic::Lgdt));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("guest rip 0x100000: 0f 01 10 (lgdt (%rax))"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("read of 10 bytes at guest address 0xdead0000 faulted"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_privileged_instruction_that_faulted_natively_resumes_after_it() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0xfa]); // cli, no marker
+        let e = handle_trap(&mut vcpu, &mut p, Trap::Fault { insn: CODE }).unwrap();
+        assert_eq!(
+            (e.outcome, e.mnemonic, p.regs.rip),
+            (Outcome::Resume, Mnemonic::Cli, CODE + 1)
+        );
+        assert!(!vcpu.interrupts_enabled());
+    }
+
+    #[test]
+    fn a_rip_relative_operand_is_relative_to_the_next_instruction() {
+        let mut vcpu = vcpu();
+        // lgdt 0x100(%rip): the operand is at CODE + 7 + 0x100.
+        let mut p = platform(&[0x0f, 0x01, 0x15, 0x00, 0x01, 0x00, 0x00]);
+        let mut d = [0u8; 10];
+        d[..2].copy_from_slice(&0x27u16.to_le_bytes());
+        d[2..].copy_from_slice(&0x20_1000u64.to_le_bytes());
+        p.poke(CODE + 7 + 0x100, &d);
+        run_ok(&mut vcpu, &mut p, 7);
+        assert_eq!(
+            (vcpu.tables.gdtr.base, vcpu.tables.gdtr.limit),
+            (0x20_1000, 0x27)
+        );
+    }
+
+    #[test]
+    fn a_32_bit_address_size_operand_wraps_at_4_gib() {
+        let mut vcpu = vcpu();
+        // addr32 sgdt (%eax) with RAX's upper half set: only EAX counts.
+        let mut p = platform(&[0x67, 0x0f, 0x01, 0x00]);
+        p.regs.rax = 0xffff_ffff_0000_0000 | DATA;
+        run_ok(&mut vcpu, &mut p, 4);
+        assert_eq!(p.peek(DATA, 10), &[0; 10]);
+        p.poke(DATA, &[0xaa; 10]);
+        p.regs.rip = CODE;
+        run_ok(&mut vcpu, &mut p, 4);
+        assert_eq!(p.peek(DATA, 10), &[0; 10], "sgdt wrote at EAX, not RAX");
+    }
 
     #[test]
     fn an_undecodable_instruction_reports_its_bytes() {
