@@ -92,6 +92,8 @@ struct LinkState {
     inflight: VecDeque<u64>,
     /// The last sequence number posted to this peer.
     last_posted: u64,
+    /// Answers received from this peer: a poster waiting for room sees progress by it.
+    answers: u64,
     fetched: BTreeMap<u64, u64>,
     refused: BTreeMap<u64, Refusal>,
     dead: Option<String>,
@@ -363,9 +365,17 @@ impl TcpFabric {
         }
     }
 
-    fn wait_for_room(&self, link: &Link, deadline: Instant) -> Result<(), FabricError> {
+    /// Waits until the window to `link`'s peer has room. Gives up with `Timeout` only when
+    /// the peer answered nothing for a whole heartbeat timeout (a slow but progressing peer
+    /// is waited for).
+    fn wait_for_room(&self, link: &Link, mut deadline: Instant) -> Result<(), FabricError> {
         let mut st = link.state();
+        let mut answers = st.answers;
         loop {
+            if st.answers != answers {
+                answers = st.answers;
+                deadline = Instant::now() + self.shared.heartbeat;
+            }
             if let Some(reason) = &st.dead {
                 return Err(dead(link.peer, reason));
             }
@@ -749,6 +759,7 @@ fn complete(shared: &Shared, conn: &Conn, h: &Header) -> Result<(), String> {
             break;
         }
     }
+    st.answers += 1;
     match h.kind {
         Kind::AckFetch => {
             st.fetched.insert(h.wr, h.arg);
