@@ -8,8 +8,9 @@
 //! (and XCR0) taken once at creation, and the port bus. The initial values are those of
 //! `docs/guest-platform.md`: a 64-bit kernel-mode CPU with paging on and interrupts enabled.
 //!
-//! A `Vcpu` belongs to the node's monitor thread; nothing else touches it. Creating one
-//! allocates (the console, the CPUID snapshot); emulating an instruction never does.
+//! A `Vcpu` belongs to the node's monitor thread; nothing else touches it, so there are no
+//! locks. Creating one allocates (the console's box, iced-x86's decoder tables on first use);
+//! emulating an instruction never does (`monitor/tests/no_alloc.rs` checks it).
 #![forbid(unsafe_code)]
 
 use std::io;

@@ -228,4 +228,19 @@ mod tests {
             Err(EmulateError::AccessOperand { .. })
         ));
     }
+
+    #[test]
+    fn str_and_sldt_to_unmapped_memory_are_operand_faults() {
+        let mut vcpu = vcpu();
+        for code in [[0x0f, 0x00, 0x0b], [0x0f, 0x00, 0x03]] {
+            // str (%rbx); sldt (%rbx)
+            let mut p = platform(&code);
+            p.regs.rbx = UNMAPPED;
+            let err = run(&mut vcpu, &mut p).unwrap_err();
+            assert!(
+                matches!(err, EmulateError::AccessOperand { fault, .. } if fault.write && fault.len == 2),
+                "{err:?}"
+            );
+        }
+    }
 }

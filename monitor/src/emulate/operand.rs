@@ -111,6 +111,7 @@ pub(crate) fn read_u64(
     len: usize,
 ) -> Result<u64, EmulateError> {
     let mut buf = [0u8; 8];
+    let len = len.min(8);
     p.read_mem(gva, &mut buf[..len])
         .map_err(|f| insn.operand_fault(f))?;
     Ok(u64::from_le_bytes(buf))
@@ -124,7 +125,7 @@ pub(crate) fn write_u64(
     value: u64,
     len: usize,
 ) -> Result<(), EmulateError> {
-    p.write_mem(gva, &value.to_le_bytes()[..len])
+    p.write_mem(gva, &value.to_le_bytes()[..len.min(8)])
         .map_err(|f| insn.operand_fault(f))
 }
 

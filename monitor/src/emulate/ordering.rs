@@ -41,7 +41,9 @@ mod tests {
 
     #[test]
     fn fences_locked_instructions_and_xchg_with_memory_execute_natively_at_the_instruction() {
-        let cases: [(&[u8], Mnemonic); 6] = [
+        let cases: [(&[u8], Mnemonic); 8] = [
+            (&[0x0f, 0x01, 0xe8], Mnemonic::Serialize),
+            (&[0xf0, 0x48, 0x0f, 0xc1, 0x03], Mnemonic::Xadd), // lock xadd %rax,(%rbx)
             (&[0x0f, 0xae, 0xf0], Mnemonic::Mfence),
             (&[0x0f, 0xae, 0xe8], Mnemonic::Lfence),
             (&[0x0f, 0xae, 0xf8], Mnemonic::Sfence),

@@ -397,4 +397,54 @@ mod tests {
         );
         assert_eq!(p.regs.rip, CODE + 2);
     }
+
+    #[test]
+    fn outsw_and_outsd_send_the_low_byte_of_each_element_to_the_uart() {
+        let (mut vcpu, console) = vcpu_with_console();
+        // rep outsw (%rsi),(%dx); outsl (%rsi),(%dx)
+        let mut p = platform(&[0x66, 0xf3, 0x6f, 0x6f]);
+        p.poke(DATA, &[b'a', 0xff, b'b', 0xff, b'c', 1, 2, 3]);
+        p.regs.rsi = DATA;
+        p.regs.rcx = 2;
+        p.regs.rdx = COM1_PORT.into();
+        run_ok(&mut vcpu, &mut p, 3);
+        assert_eq!((p.regs.rsi, p.regs.rcx), (DATA + 4, 0));
+        crate::emulate::handle_trap(
+            &mut vcpu,
+            &mut p,
+            crate::emulate::Trap::Marker { insn: CODE + 3 },
+        )
+        .unwrap();
+        assert_eq!(p.regs.rsi, DATA + 8);
+        vcpu.flush().unwrap();
+        assert_eq!(console.text(), "abc");
+    }
+
+    #[test]
+    fn insb_reads_one_byte_to_es_rdi() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x6c]); // insb (%dx),%es:(%rdi)
+        p.regs.rdi = DATA;
+        p.regs.rdx = (COM1_PORT + 2).into();
+        p.regs.rcx = 5;
+        run_ok(&mut vcpu, &mut p, 1);
+        assert_eq!(
+            (p.peek(DATA, 2), p.regs.rdi, p.regs.rcx),
+            (&[0x01, 0][..], DATA + 1, 5)
+        );
+    }
+
+    #[test]
+    fn insb_to_unmapped_memory_is_an_operand_fault() {
+        let mut vcpu = vcpu();
+        let mut p = platform(&[0x6c]);
+        p.regs.rdi = UNMAPPED;
+        p.regs.rdx = 0x80;
+        let err = run(&mut vcpu, &mut p).unwrap_err();
+        assert!(
+            matches!(err, EmulateError::AccessOperand { fault, .. } if fault.write && fault.gva == UNMAPPED),
+            "{err:?}"
+        );
+        assert_eq!(p.regs.rdi, UNMAPPED);
+    }
 }

@@ -243,4 +243,14 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn sysenter_after_a_marker_is_refused() {
+        let mut p = platform(&[0x0f, 0x34]);
+        let err = run(&mut vcpu(), &mut p).unwrap_err();
+        assert!(
+            matches!(err, EmulateError::Unsupported { .. }) && err.to_string().contains("sysenter"),
+            "{err}"
+        );
+    }
 }
