@@ -327,3 +327,23 @@ fn a_raw_write_outside_the_grant_is_refused_at_the_target_which_stays_untouched(
     assert_eq!(&inside, b"inside");
     honest_pair_still_works(&zero, &one);
 }
+
+#[test]
+fn a_join_with_another_region_layout_is_refused_and_a_silent_stranger_stalls_nobody() {
+    let (listener, addr) = TcpFabric::listen(config(0, 2, "127.0.0.1:0")).unwrap();
+    let boot = addr.to_string();
+    let zero = thread::spawn(move || listener.accept_group());
+    // A stranger connects and never says a word: its handshake times out on its own thread.
+    let _stranger = TcpStream::connect(addr).unwrap();
+    let mut odd = config(1, 2, &boot);
+    odd.regions.pop();
+    match TcpFabric::join(odd) {
+        Err(e @ FabricError::Handshake { .. }) => {
+            assert!(e.to_string().contains("layout"), "{e}");
+        }
+        other => panic!("a join with another layout gave {other:?}"),
+    }
+    let one: Arc<dyn Fabric> = Arc::new(TcpFabric::join(config(1, 2, &boot)).unwrap());
+    let zero: Arc<dyn Fabric> = Arc::new(zero.join().unwrap().unwrap());
+    conformance::group_still_works(&[zero, one]).unwrap();
+}
