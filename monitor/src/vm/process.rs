@@ -117,14 +117,16 @@ pub fn spawn(
     let stopped = strip_mappings(stopped, memory)?;
     check_only_guest_mappings(pid, memory)?;
     stopped.reset_fp_state()?;
-    stopped.set_regs(initial_regs(entry, memory.ram_end()))?;
+    // One vCPU per node and, until the DSM joins nodes, one node: vCPU 0 of 1.
+    stopped.set_regs(initial_regs(entry, memory.ram_end(), 0, 1))?;
     stopped.resume_sysemu()?;
     Ok(tracee)
 }
 
-/// The guest's registers at its entry: all zero but RIP, RSP (vCPU 0's boot stack), RFLAGS and
-/// the user segment selectors. FS/GS bases are zero: the child's TLS is gone.
-fn initial_regs(entry: u64, mem_bytes: u64) -> libc::user_regs_struct {
+/// The guest's registers at its entry (the boot convention of `docs/guest-platform.md`): RIP at
+/// the entry, RSP at vCPU `vcpu`'s boot stack, RDI = `vcpu`, RSI = `vcpus`, RFLAGS and the user
+/// segment selectors; everything else zero. FS/GS bases are zero: the child's TLS is gone.
+fn initial_regs(entry: u64, mem_bytes: u64, vcpu: u32, vcpus: u32) -> libc::user_regs_struct {
     libc::user_regs_struct {
         r15: 0,
         r14: 0,
@@ -139,13 +141,13 @@ fn initial_regs(entry: u64, mem_bytes: u64) -> libc::user_regs_struct {
         rax: 0,
         rcx: 0,
         rdx: 0,
-        rsi: 0,
-        rdi: 0,
+        rsi: u64::from(vcpus),
+        rdi: u64::from(vcpu),
         orig_rax: u64::MAX,
         rip: entry,
         cs: USER_CS,
         eflags: INITIAL_RFLAGS,
-        rsp: layout::boot_stack_top(mem_bytes, 0),
+        rsp: layout::boot_stack_top(mem_bytes, vcpu),
         ss: USER_SS,
         fs_base: 0,
         gs_base: 0,
@@ -275,6 +277,20 @@ fn check_only_guest_mappings(pid: Pid, memory: &GuestMemory) -> Result<(), Proce
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initial_regs_follow_the_boot_convention() {
+        let mem = layout::DEFAULT_MEM_BYTES;
+        let regs = initial_regs(0x10_0040, mem, 1, 2);
+        assert_eq!(regs.rip, 0x10_0040);
+        assert_eq!(regs.rdi, 1, "RDI carries the vCPU id");
+        assert_eq!(regs.rsi, 2, "RSI carries the vCPU count");
+        assert_eq!(regs.rsp, layout::boot_stack_top(mem, 1));
+        assert_eq!(
+            regs.rax | regs.rbx | regs.rcx | regs.rdx | regs.r8 | regs.r15,
+            0
+        );
+    }
 
     #[test]
     fn maps_lines_parse_into_ranges() {
