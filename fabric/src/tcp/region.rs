@@ -55,25 +55,33 @@ impl Region {
         }
     }
 
-    /// Copies `data` in at `offset` (already checked to be inside).
+    /// Copies `data` in at `offset`: partial words at either end merged, whole words stored
+    /// in one tight loop (a plain move each on x86-64).
     pub fn store(&self, offset: u64, data: &[u8]) -> Result<(), FabricError> {
         self.check(offset, data.len())?;
-        let mut at = offset as usize;
+        let at = offset as usize;
+        let shift = at % 8;
+        let mut word = at / 8;
         let mut rest = data;
-        while !rest.is_empty() {
-            let word = at / 8;
-            let shift = at % 8;
+        if shift != 0 {
             let take = (8 - shift).min(rest.len());
             let (head, tail) = rest.split_at(take);
-            if take == 8 {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(head);
-                self.words[word].store(u64::from_le_bytes(w), Ordering::Release);
-            } else {
-                self.merge(word, shift, head);
-            }
-            at += take;
+            self.merge(word, shift, head);
+            word += 1;
             rest = tail;
+        }
+        let whole = rest.len() / 8;
+        let (body, tail) = rest.split_at(whole * 8);
+        for (w, bytes) in self.words[word..word + whole]
+            .iter()
+            .zip(body.chunks_exact(8))
+        {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(bytes);
+            w.store(u64::from_le_bytes(b), Ordering::Release);
+        }
+        if !tail.is_empty() {
+            self.merge(word + whole, 0, tail);
         }
         Ok(())
     }
@@ -93,20 +101,34 @@ impl Region {
         }
     }
 
-    /// Copies bytes out at `offset`.
+    /// Copies bytes out at `offset`, word by word.
     pub fn load(&self, offset: u64, buf: &mut [u8]) -> Result<(), FabricError> {
         self.check(offset, buf.len())?;
-        let mut at = offset as usize;
+        let at = offset as usize;
+        let shift = at % 8;
+        let mut word = at / 8;
         let mut rest = buf;
-        while !rest.is_empty() {
-            let word = at / 8;
-            let shift = at % 8;
+        if shift != 0 {
             let take = (8 - shift).min(rest.len());
-            let bytes = self.words[word].load(Ordering::Acquire).to_le_bytes();
             let (head, tail) = rest.split_at_mut(take);
+            let bytes = self.words[word].load(Ordering::Acquire).to_le_bytes();
             head.copy_from_slice(&bytes[shift..shift + take]);
-            at += take;
+            word += 1;
             rest = tail;
+        }
+        let whole = rest.len() / 8;
+        let (body, tail) = rest.split_at_mut(whole * 8);
+        for (w, bytes) in self.words[word..word + whole]
+            .iter()
+            .zip(body.chunks_exact_mut(8))
+        {
+            bytes.copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        if !tail.is_empty() {
+            let bytes = self.words[word + whole]
+                .load(Ordering::Acquire)
+                .to_le_bytes();
+            tail.copy_from_slice(&bytes[..tail.len()]);
         }
         Ok(())
     }
@@ -162,6 +184,31 @@ mod tests {
         let mut want = [0xffu8; 21];
         want[3..14].copy_from_slice(b"hello world");
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn stores_and_loads_at_every_alignment_and_length_agree_with_a_plain_buffer() {
+        let r = region(64);
+        let mut model = [0u8; 64];
+        let mut n = 0u8;
+        for offset in 0..20usize {
+            for len in 0..30usize {
+                let data: Vec<u8> = (0..len)
+                    .map(|_| {
+                        n = n.wrapping_add(37);
+                        n
+                    })
+                    .collect();
+                r.store(offset as u64, &data).unwrap();
+                model[offset..offset + len].copy_from_slice(&data);
+                let mut all = [0u8; 64];
+                r.load(0, &mut all).unwrap();
+                assert_eq!(all, model, "after storing {len} bytes at {offset}");
+                let mut part = vec![0u8; len];
+                r.load(offset as u64, &mut part).unwrap();
+                assert_eq!(part, data);
+            }
+        }
     }
 
     #[test]
