@@ -568,6 +568,8 @@ static volatile unsigned bar_sense;
 static volatile uint64_t bar_start;
 static long ncores;
 static int oversubscribed;
+/* The CPUs this process may run on (a container's cpuset may exclude some). */
+static int cpus[CPU_SETSIZE];
 
 static inline uint64_t rdtsc(void) {
     unsigned lo, hi;
@@ -608,7 +610,7 @@ static void *worker(void *arg) {
     int t = (int)(intptr_t)arg;
     cpu_set_t set;
     CPU_ZERO(&set);
-    CPU_SET(t % ncores, &set);
+    CPU_SET(cpus[t % ncores], &set);
     if (sched_setaffinity(0, sizeof set, &set) != 0) { perror("sched_setaffinity"); exit(3); }
     unsigned sense = 0;
     for (uint64_t n = 0; n < PER_ROUND; n++) {
@@ -619,8 +621,11 @@ static void *worker(void *arg) {
 }
 
 int main(void) {
-    ncores = sysconf(_SC_NPROCESSORS_ONLN);
-    if (ncores < 1) ncores = 1;
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) { perror("sched_getaffinity"); return 3; }
+    ncores = 0;
+    for (int c = 0; c < CPU_SETSIZE; c++) if (CPU_ISSET(c, &allowed)) cpus[ncores++] = c;
+    if (ncores < 1) { fprintf(stderr, "no CPU to run on\n"); return 3; }
     oversubscribed = NTHREADS > ncores;
     outregs = calloc(PER_ROUND * NOUT, sizeof(uint64_t));
     if (!outregs) { perror("calloc"); return 3; }
