@@ -23,8 +23,13 @@ use crate::test::{
     Arch, InitValue, LitmusTest, LocId, Location, Program, RegInit, ThreadId, ValueType,
 };
 
-/// Most threads a test may have (herd7's own tests use at most 8).
+/// Most threads a test may have (herd7's own tests use at most 8; the model packs a thread
+/// number into 4 bits of a store's identity).
 pub const MAX_THREADS: usize = 16;
+
+/// Most instructions a thread may have (litmus threads have a handful; the model packs the
+/// instruction index into 10 bits of a store's identity).
+pub const MAX_INSTRUCTIONS: usize = 1024;
 
 /// Reads and parses a litmus file.
 pub fn parse_file(path: &Path) -> Result<LitmusTest, ParseError> {
@@ -149,6 +154,14 @@ pub fn parse_str(path: &Path, text: &str) -> Result<LitmusTest, ParseError> {
             }
         }
         i += 1;
+    }
+    for (t, c) in cells.iter().enumerate() {
+        if c.len() > MAX_INSTRUCTIONS {
+            return Err(err(
+                c[MAX_INSTRUCTIONS].0,
+                format!("P{t} has more than {MAX_INSTRUCTIONS} instructions"),
+            ));
+        }
     }
     let programs = cells
         .into_iter()
