@@ -8,7 +8,7 @@
 //!
 //! - `write` copies straight into the target's region mapping, then a release fence;
 //! - `write_imm` does the same and then pushes a doorbell on the (source, target) ring, whose
-//!   release store of `tail` publishes the data with it;
+//!   release store of the entry's header publishes the data with it;
 //! - `fetch_add` is a hardware atomic add on the word in the target's mapping;
 //! - `send` pushes a message on the ring;
 //! - completion is immediate: the source performed the effect itself, so it is visible at the
@@ -61,8 +61,19 @@ const SLEEPERS: usize = 128;
 const RINGS: usize = 4096;
 
 /// How long `recv` and `wait` spin before they sleep: long enough to catch a reply on the
-/// other core without a system call, short enough that an idle node sleeps at once.
-const SPIN: Duration = Duration::from_micros(30);
+/// other core without a system call even when the host is busy, short enough that an idle
+/// node sleeps soon (it burns at most this much CPU after its last message). Measured with
+/// `vsmp bench fabric` on a loaded 2-core host: with 30 us or 200 us the answering node fell
+/// asleep between doorbells and the blocking round trip was 100-900x the raw ping-pong; with
+/// 1 ms it matches the busy-polling round trip.
+const SPIN: Duration = Duration::from_micros(1000);
+
+/// Read ring space is handed back to the producer at least every this many bytes, so a
+/// receiver that is never idle still keeps its producers flowing.
+const RELEASE_BYTES: u64 = (ring::RING_BYTES / 4) as u64;
+
+/// Ring polls between two looks at the clock while spinning.
+const POLLS_PER_CLOCK: usize = 64;
 
 /// Longest single futex sleep; deaths and deadlines are rechecked at least this often.
 const MAX_SLEEP: Duration = Duration::from_millis(50);
@@ -123,6 +134,8 @@ struct Peer {
 struct Receiver {
     /// Where the next round-robin scan of the rings starts, for fairness across sources.
     next: usize,
+    /// Per source ring: the read position (entries before it are taken, maybe not released).
+    read: Vec<u64>,
     /// Deaths already reported by `recv`.
     reported: Vec<bool>,
 }
@@ -222,6 +235,7 @@ impl ShmFabric {
             failed: Mutex::new(HashMap::new()),
             rx: Mutex::new(Receiver {
                 next: 0,
+                read: vec![0; n],
                 reported: vec![false; n],
             }),
             delayed: Delayed::new(n),
@@ -402,8 +416,10 @@ impl Inner {
     /// then wakes the peer if it sleeps.
     fn push(&self, peer: &Peer, f: impl Fn(&Ring<'_>) -> bool) -> Result<(), FabricError> {
         let ring = Ring::at(&peer.inbox, ring_base(usize::from(self.rank.0)));
-        let start = Instant::now();
+        let mut start = None;
         while !f(&ring) {
+            // Full: only now look at the clock (the common case makes no clock read).
+            let start = *start.get_or_insert_with(Instant::now);
             if peer.dead.load(Ordering::Acquire) {
                 return Err(dead(peer.rank));
             }
@@ -420,10 +436,10 @@ impl Inner {
                 std::hint::spin_loop();
             }
         }
-        // SeqCst fence: orders the tail store before the sleeper check, pairing with the
-        // fence in `recv` between registering as a sleeper and rechecking the rings.
-        fence(Ordering::SeqCst);
-        if peer.inbox.u32_at(SLEEPERS).load(Ordering::Relaxed) > 0 {
+        // SeqCst: the entry was published by a SeqCst swap, so this load cannot pass it; it
+        // pairs with `recv`'s SeqCst increment of the sleeper count and fence before its last
+        // look at the rings: either we see the sleeper or it sees our entry.
+        if peer.inbox.u32_at(SLEEPERS).load(Ordering::SeqCst) > 0 {
             peer.inbox.u32_at(WAKE).fetch_add(1, Ordering::Release);
             peer.inbox.futex_wake(WAKE);
         }
@@ -527,9 +543,13 @@ impl Inner {
         let inbox = &self.peers[usize::from(self.rank.0)].inbox;
         for k in 0..n {
             let s = (rx.next + k) % n;
-            match Ring::at(inbox, ring_base(s)).pop() {
+            let ring = Ring::at(inbox, ring_base(s));
+            match ring.pop(&mut rx.read[s]) {
                 Ok(Some(entry)) => {
                     rx.next = (s + 1) % n;
+                    if ring.unreleased(rx.read[s]) >= RELEASE_BYTES {
+                        ring.release(rx.read[s]);
+                    }
                     let from = self.peers[s].rank;
                     return Some(Ok(match entry {
                         Entry::Doorbell(imm) => Incoming::Doorbell { from, imm },
@@ -562,10 +582,22 @@ impl Inner {
         None
     }
 
+    /// Hands every ring's read space back to its producer (when nothing is waiting, so the
+    /// zeroing is off the fast path).
+    fn release_rings(&self, rx: &Receiver) {
+        let inbox = &self.peers[usize::from(self.rank.0)].inbox;
+        for (s, &read) in rx.read.iter().enumerate() {
+            let ring = Ring::at(inbox, ring_base(s));
+            if ring.unreleased(read) > 0 {
+                ring.release(read);
+            }
+        }
+    }
+
     fn anything_pending(&self, rx: &Receiver) -> bool {
         let inbox = &self.peers[usize::from(self.rank.0)].inbox;
         (0..self.peers.len()).any(|s| {
-            !Ring::at(inbox, ring_base(s)).is_empty()
+            !Ring::at(inbox, ring_base(s)).is_empty(rx.read[s])
                 || (!rx.reported[s] && self.peers[s].dead.load(Ordering::Acquire))
         })
     }
@@ -632,7 +664,7 @@ impl Fabric for ShmFabric {
             return Err(FabricError::UnknownWr { wr });
         }
         let peer = &inner.peers[usize::from(code.peer.0)];
-        let start = Instant::now();
+        let mut start = None;
         loop {
             // Acquire: pairs with the release store of `done` after the effect.
             if peer.done.load(Ordering::Acquire) >= code.counter {
@@ -657,7 +689,7 @@ impl Fabric for ShmFabric {
             if peer.dead.load(Ordering::Acquire) {
                 return Err(dead(code.peer));
             }
-            let waited = start.elapsed();
+            let waited = start.get_or_insert_with(Instant::now).elapsed();
             if waited >= timeout {
                 return Err(FabricError::Timeout {
                     what: format!("completion of {wr:?} to {}", code.peer),
@@ -681,24 +713,34 @@ impl Fabric for ShmFabric {
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, FabricError> {
         let inner = &self.inner;
         let inbox = &inner.peers[usize::from(inner.rank.0)].inbox;
-        let start = Instant::now();
         let mut rx = lock(&inner.rx);
+        if let Some(r) = inner.poll_rings(&mut rx) {
+            return r.map(Some);
+        }
+        let start = Instant::now();
         loop {
-            if let Some(r) = inner.poll_rings(&mut rx) {
-                return r.map(Some);
+            // Poll a batch before looking at the clock: a reply is noticed within one poll.
+            inner.release_rings(&rx);
+            for _ in 0..POLLS_PER_CLOCK {
+                if let Some(r) = inner.poll_rings(&mut rx) {
+                    return r.map(Some);
+                }
+                if timeout.is_zero() {
+                    return Ok(None);
+                }
+                std::hint::spin_loop();
             }
             let waited = start.elapsed();
             if waited >= timeout {
                 return Ok(None);
             }
             if waited < SPIN {
-                std::hint::spin_loop();
                 continue;
             }
             let seq = inbox.u32_at(WAKE).load(Ordering::Acquire);
             inbox.u32_at(SLEEPERS).fetch_add(1, Ordering::SeqCst);
-            // SeqCst fence: pairs with the producer's fence between its tail store and its
-            // sleeper check, so either it sees us sleeping or we see its entry.
+            // SeqCst fence: pairs with the producer's fence between publishing an entry and
+            // its sleeper check, so either it sees us sleeping or we see its entry.
             fence(Ordering::SeqCst);
             if !inner.anything_pending(&rx) {
                 inbox.futex_wait(WAKE, seq, (timeout - waited).min(MAX_SLEEP));

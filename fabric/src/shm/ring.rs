@@ -3,11 +3,18 @@
 //!
 //! One ring per ordered pair (source, target) lives in the target's inbox memfd. The source
 //! process is the only producer (its per-peer link lock serialises its threads); the target's
-//! receive lock makes it the only consumer. Positions are free-running byte counters; the
-//! producer publishes an entry with a release store of `tail` (pairing with the consumer's
-//! acquire load), the consumer frees space with a release store of `head` (pairing with the
-//! producer's acquire load). An entry is an 8-byte header (kind, length) and its payload
-//! padded to 8 bytes; an entry never wraps: a pad entry fills the end of the ring instead.
+//! receive lock makes it the only consumer.
+//!
+//! An entry is an 8-byte header word (kind, a magic, length) and its payload padded to 8
+//! bytes; an entry never wraps: a pad entry fills the end of the ring instead. A zero header
+//! means "nothing here yet". The producer writes the payload, then the header with a release
+//! store; the consumer polls the header at its position with an acquire load, copies the
+//! payload out and moves its private read position on; later, off the fast path (when idle,
+//! or every quarter ring), it zeroes what it read and publishes its position (`head`,
+//! release) so the producer may reuse the space. The producer keeps its own position (`tail`) and its last
+//! view of `head` on a line only it touches, and reloads `head` (acquire) only when the ring
+//! looks full: in steady state a doorbell moves one cache line each way, as a raw ping-pong
+//! does.
 //!
 //! The consumer validates every header, so a damaged ring is an error naming the source, never
 //! a panic or an out-of-range copy.
@@ -22,18 +29,22 @@ use crate::MAX_MESSAGE_BYTES;
 /// A full ring makes the producer wait (bounded by the heartbeat timeout).
 pub(crate) const RING_BYTES: usize = 256 * 1024;
 
-/// The ring's header: `head` and `tail` on their own cache lines.
+/// The ring's header: the consumer's `head` on one cache line; the producer's `tail` and its
+/// cached view of `head` on another, which only the producer touches.
 const HEADER_BYTES: usize = 128;
 const HEAD: usize = 0;
 const TAIL: usize = 64;
+const HEAD_SEEN: usize = 72;
 
 /// Bytes one ring occupies in an inbox.
 pub(crate) const RING_STRIDE: usize = HEADER_BYTES + RING_BYTES;
 
 const ENTRY_HEADER: usize = 8;
-const KIND_PAD: u32 = 1;
-const KIND_DOORBELL: u32 = 2;
-const KIND_MESSAGE: u32 = 3;
+const KIND_PAD: u64 = 1;
+const KIND_DOORBELL: u64 = 2;
+const KIND_MESSAGE: u64 = 3;
+/// Bits 8..32 of every header: a zeroed or stale word is never taken for an entry.
+const MAGIC: u64 = 0x5a_a55a << 8;
 
 // Every entry size is a multiple of 8 and the ring one too, so a header never straddles the end.
 const _: () = assert!(RING_BYTES % 8 == 0 && RING_BYTES >= ENTRY_HEADER + MAX_MESSAGE_BYTES);
@@ -54,6 +65,10 @@ pub(crate) struct Ring<'a> {
 
 fn padded(len: usize) -> usize {
     ENTRY_HEADER + len.next_multiple_of(8)
+}
+
+fn header(kind: u64, len: usize) -> u64 {
+    kind | MAGIC | (len as u64) << 32
 }
 
 impl<'a> Ring<'a> {
@@ -84,13 +99,11 @@ impl<'a> Ring<'a> {
         self.push(KIND_MESSAGE, data)
     }
 
-    fn push(&self, kind: u32, payload: &[u8]) -> bool {
-        let head_word = self.map.u64_at(self.base + HEAD);
+    fn push(&self, kind: u64, payload: &[u8]) -> bool {
+        // Only this producer touches tail and its view of head.
         let tail_word = self.map.u64_at(self.base + TAIL);
-        // Only this producer writes tail.
+        let seen_word = self.map.u64_at(self.base + HEAD_SEEN);
         let mut tail = tail_word.load(Ordering::Relaxed);
-        // Acquire: pairs with the consumer's release of head, so the space is really free.
-        let head = head_word.load(Ordering::Acquire);
         let size = padded(payload.len());
         let pos = (tail % RING_BYTES as u64) as usize;
         let pad = if pos + size > RING_BYTES {
@@ -98,83 +111,111 @@ impl<'a> Ring<'a> {
         } else {
             0
         };
-        if tail.wrapping_sub(head) + (pad + size) as u64 > RING_BYTES as u64 {
-            return false;
+        let need = (pad + size) as u64;
+        let fits = |head: u64| tail.wrapping_sub(head) + need <= RING_BYTES as u64;
+        if !fits(seen_word.load(Ordering::Relaxed)) {
+            // Acquire: pairs with the consumer's release of head, after which the space it
+            // freed is zeroed and no longer read.
+            let head = self.map.u64_at(self.base + HEAD).load(Ordering::Acquire);
+            seen_word.store(head, Ordering::Relaxed);
+            if !fits(head) {
+                return false;
+            }
         }
         if pad > 0 {
-            self.write_header(tail, KIND_PAD, (pad - ENTRY_HEADER) as u32);
+            // Release: the consumer may see the pad before the entry after it.
+            self.header_word(tail)
+                .store(header(KIND_PAD, pad - ENTRY_HEADER), Ordering::Release);
             tail += pad as u64;
         }
-        self.write_header(tail, kind, payload.len() as u32);
         self.map.copy_in(self.data(tail) + ENTRY_HEADER, payload);
-        // Release: publishes the entry (and every write into regions before it) to the
-        // consumer's acquire load of tail.
-        tail_word.store(tail + size as u64, Ordering::Release);
+        // SeqCst swap (one locked instruction on x86): publishes the payload (and every write
+        // into regions before it) to the consumer's acquire load of this header, and is a full
+        // barrier before the producer's check for a sleeping consumer (see `recv`).
+        self.header_word(tail)
+            .swap(header(kind, payload.len()), Ordering::SeqCst);
+        tail_word.store(tail + size as u64, Ordering::Relaxed);
         true
     }
 
-    fn write_header(&self, pos: u64, kind: u32, len: u32) {
-        let mut h = [0u8; ENTRY_HEADER];
-        h[..4].copy_from_slice(&kind.to_le_bytes());
-        h[4..].copy_from_slice(&len.to_le_bytes());
-        self.map.copy_in(self.data(pos), &h);
+    fn header_word(&self, pos: u64) -> &'a std::sync::atomic::AtomicU64 {
+        self.map.u64_at(self.data(pos))
     }
 
-    /// Whether an entry is waiting.
-    pub fn is_empty(&self) -> bool {
-        let head = self.map.u64_at(self.base + HEAD).load(Ordering::Relaxed);
-        self.map.u64_at(self.base + TAIL).load(Ordering::Acquire) == head
-    }
-
-    /// Takes the next entry, `Ok(None)` when empty, `Err(reason)` when the ring is damaged.
-    pub fn pop(&self) -> Result<Option<Entry>, String> {
-        let head_word = self.map.u64_at(self.base + HEAD);
+    fn head(&self) -> u64 {
         // Only this consumer writes head.
-        let mut head = head_word.load(Ordering::Relaxed);
+        self.map.u64_at(self.base + HEAD).load(Ordering::Relaxed)
+    }
+
+    /// Whether no entry is waiting at the consumer's read position `read`.
+    pub fn is_empty(&self, read: u64) -> bool {
+        self.header_word(read).load(Ordering::Acquire) == 0
+    }
+
+    /// Bytes read but not yet released to the producer.
+    pub fn unreleased(&self, read: u64) -> u64 {
+        read.wrapping_sub(self.head())
+    }
+
+    /// Takes the entry at the consumer's read position `read` (advancing it): `Ok(None)` when
+    /// empty, `Err(reason)` when the ring is damaged. The space stays the consumer's until
+    /// [`Ring::release`], so the zeroing that makes it reusable stays off the fast path.
+    pub fn pop(&self, read: &mut u64) -> Result<Option<Entry>, String> {
         loop {
-            // Acquire: pairs with the producer's release of tail; the entry is complete.
-            let tail = self.map.u64_at(self.base + TAIL).load(Ordering::Acquire);
-            let avail = tail.wrapping_sub(head);
-            if avail == 0 {
+            let at = *read;
+            if at % 8 != 0 || self.unreleased(at) > RING_BYTES as u64 {
+                return Err(format!("ring read position {at} is inconsistent"));
+            }
+            // Acquire: pairs with the producer's publication of the header; the payload is
+            // whole.
+            let h = self.header_word(at).load(Ordering::Acquire);
+            if h == 0 {
                 return Ok(None);
             }
-            if avail > RING_BYTES as u64 || avail < ENTRY_HEADER as u64 || head % 8 != 0 {
-                return Err(format!(
-                    "ring positions head {head} tail {tail} are inconsistent"
-                ));
-            }
-            let mut h = [0u8; ENTRY_HEADER];
-            self.map.copy_out(self.data(head), &mut h);
-            let kind = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
-            let len = u32::from_le_bytes(h[4..].try_into().expect("4 bytes")) as usize;
-            let pos = (head % RING_BYTES as u64) as usize;
+            let kind = h & 0xff;
+            let len = (h >> 32) as usize;
+            let pos = (at % RING_BYTES as u64) as usize;
             let size = padded(len);
-            let fits = size as u64 <= avail && pos + size <= RING_BYTES;
+            let fits = h & 0xffff_ff00 == MAGIC && pos + size <= RING_BYTES;
             let entry = match kind {
                 KIND_PAD if fits && pos + size == RING_BYTES => None,
                 KIND_DOORBELL if fits && len == 4 => {
                     let mut imm = [0u8; 4];
-                    self.map.copy_out(self.data(head) + ENTRY_HEADER, &mut imm);
+                    self.map.copy_out(self.data(at) + ENTRY_HEADER, &mut imm);
                     Some(Entry::Doorbell(u32::from_le_bytes(imm)))
                 }
                 KIND_MESSAGE if fits && len <= MAX_MESSAGE_BYTES => {
                     let mut data = vec![0u8; len];
-                    self.map.copy_out(self.data(head) + ENTRY_HEADER, &mut data);
+                    self.map.copy_out(self.data(at) + ENTRY_HEADER, &mut data);
                     Some(Entry::Message(data))
                 }
-                _ => {
-                    return Err(format!(
-                        "bad ring entry at {head}: kind {kind}, length {len}, {avail} bytes published"
-                    ));
-                }
+                _ => return Err(format!("bad ring entry at {at}: header {h:#018x}")),
             };
-            head += size as u64;
-            // Release: the entry's bytes were read before the producer may reuse them.
-            head_word.store(head, Ordering::Release);
+            *read = at + size as u64;
             if entry.is_some() {
                 return Ok(entry);
             }
         }
+    }
+
+    /// Zeroes everything read up to `read` (so no stale byte is ever taken for a header) and
+    /// hands the space back to the producer.
+    pub fn release(&self, read: u64) {
+        let head = self.head();
+        let len = read.wrapping_sub(head) as usize;
+        if len == 0 || len > RING_BYTES {
+            return;
+        }
+        let pos = (head % RING_BYTES as u64) as usize;
+        let first = len.min(RING_BYTES - pos);
+        self.map.fill_zero(self.data(head), first);
+        if first < len {
+            self.map.fill_zero(self.data(0), len - first);
+        }
+        // Release: the space was read and zeroed before the producer may reuse it.
+        self.map
+            .u64_at(self.base + HEAD)
+            .store(read, Ordering::Release);
     }
 }
 
@@ -199,6 +240,7 @@ mod tests {
         let map = ring_map();
         let ring = Ring::at(&map, 0);
         let mut expected = std::collections::VecDeque::new();
+        let mut read = 0;
         for i in 0..20_000u32 {
             let e = if i % 3 == 0 {
                 Entry::Doorbell(i)
@@ -214,14 +256,16 @@ mod tests {
             } else {
                 // Full: drain half and retry once.
                 for _ in 0..expected.len() / 2 {
-                    assert_eq!(ring.pop().unwrap(), expected.pop_front());
+                    assert_eq!(ring.pop(&mut read).unwrap(), expected.pop_front());
                 }
+                ring.release(read);
             }
         }
         while let Some(e) = expected.pop_front() {
-            assert_eq!(ring.pop().unwrap(), Some(e));
+            assert_eq!(ring.pop(&mut read).unwrap(), Some(e));
         }
-        assert_eq!(ring.pop().unwrap(), None);
+        assert_eq!(ring.pop(&mut read).unwrap(), None);
+        assert!(ring.is_empty(read));
     }
 
     #[test]
@@ -234,7 +278,15 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, RING_BYTES / padded(MAX_MESSAGE_BYTES));
-        assert_eq!(ring.pop().unwrap(), Some(Entry::Message(big)));
+        let mut read = 0;
+        assert_eq!(
+            ring.pop(&mut read).unwrap(),
+            Some(Entry::Message(big.clone()))
+        );
+        // Read but not released: still no room.
+        assert!(!ring.push_message(&big));
+        ring.release(read);
+        assert!(ring.push_message(&big));
     }
 
     #[test]
@@ -243,8 +295,9 @@ mod tests {
         let ring = Ring::at(&map, 0);
         assert!(ring.push_doorbell(1));
         map.copy_in(HEADER_BYTES + 4, &u32::MAX.to_le_bytes());
-        assert!(ring.pop().is_err());
-        map.u64_at(TAIL).store(u64::MAX, Ordering::Release);
-        assert!(ring.pop().is_err());
+        assert!(ring.pop(&mut 0).is_err());
+        map.u64_at(HEADER_BYTES).store(u64::MAX, Ordering::Release);
+        assert!(ring.pop(&mut 0).is_err());
+        assert!(ring.pop(&mut 3).is_err());
     }
 }

@@ -86,6 +86,13 @@ impl Mapping {
         };
     }
 
+    /// Zeroes `len` bytes at `offset`. Panics when out of range (callers check).
+    pub fn fill_zero(&self, offset: usize, len: usize) {
+        self.check(offset, len);
+        // SAFETY: the range lies inside the live mapping (checked above); plain bytes.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), 0, len) };
+    }
+
     /// Copies bytes at `offset` out into `buf`. Panics when out of range (callers check).
     pub fn copy_out(&self, offset: usize, buf: &mut [u8]) {
         self.check(offset, buf.len());

@@ -66,6 +66,8 @@ const BANDWIDTH_SAMPLES: usize = 5;
 const PING: u32 = 1;
 const PONG: u32 = 2;
 const DONE: &[u8] = b"done";
+/// Tells node 1 to stop busy-polling and block in `recv`.
+const BLOCK: &[u8] = b"block";
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Raw shm words, each on its own cache line; the copy area follows.
 const RAW_PING: usize = 0;
@@ -206,7 +208,7 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             let raws = raw_shm_driver(&raw, n)?;
             cfg.bootstrap = sock.display().to_string();
             let ep: Arc<dyn Fabric> = Arc::new(ShmFabric::join(&cfg)?);
-            fabric_driver(&*ep, n, raws, &mut rows)?;
+            fabric_driver(&*ep, n, raws, true, &mut rows)?;
             node1
         }
         Backend::Tcp => {
@@ -217,7 +219,7 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             let (stream, _) = raw.accept().context("accepting node 1's raw socket")?;
             let raws = raw_tcp_driver(stream, n)?;
             let ep: Arc<dyn Fabric> = Arc::new(listener.accept_group()?);
-            fabric_driver(&*ep, n, raws, &mut rows)?;
+            fabric_driver(&*ep, n, raws, false, &mut rows)?;
             node1
         }
     };
@@ -391,8 +393,31 @@ fn at(region: RegionId, offset: u64) -> RemoteAddr {
     RemoteAddr { region, offset }
 }
 
-fn fabric_driver(ep: &dyn Fabric, n: u64, raw: Raw, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+fn fabric_driver(
+    ep: &dyn Fabric,
+    n: u64,
+    raw: Raw,
+    poll_doorbells: bool,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let peer = NodeId(1);
+    // shm: both nodes first busy-poll `recv` with a zero timeout, as a latency-bound user
+    // polls a completion queue: the fabric's data path without the sleep policy. (Not on
+    // tcp: a poller would steal the core its receive thread needs.)
+    if poll_doorbells {
+        let fabric = time(n, || {
+            ep.post_write_imm(peer, at(DATA, 0), &[], PING)?;
+            expect_pong(poll(ep)?)
+        })?;
+        rows.push(Row::Latency {
+            name: "doorbell round trip (polling)".into(),
+            fabric,
+            raw: raw.round_trip.clone(),
+            raw_name: raw.round_trip_name,
+        });
+    }
+    let wr = ep.post_send(peer, BLOCK)?;
+    ep.wait(wr, OP_TIMEOUT)?;
     for ((&size, raw_h), i) in WRITE_SIZES.iter().zip(raw.writes).zip(0..) {
         let buf = vec![i as u8; size];
         let fabric = time(n, || {
@@ -407,16 +432,13 @@ fn fabric_driver(ep: &dyn Fabric, n: u64, raw: Raw, rows: &mut Vec<Row>) -> anyh
             raw_name: raw.write_name,
         });
     }
+    // Blocking: both nodes call `recv` with a timeout (spin, then sleep).
     let fabric = time(n, || {
         ep.post_write_imm(peer, at(DATA, 0), &[], PING)?;
-        match ep.recv(OP_TIMEOUT)? {
-            Some(Incoming::Doorbell { imm: PONG, .. }) => Ok(()),
-            Some(other) => bail!("unexpected {other:?} from node 1"),
-            None => bail!("node 1 did not answer a doorbell"),
-        }
+        expect_pong(ep.recv(OP_TIMEOUT)?)
     })?;
     rows.push(Row::Latency {
-        name: "doorbell round trip".into(),
+        name: "doorbell round trip (blocking)".into(),
         fabric,
         raw: raw.round_trip,
         raw_name: raw.round_trip_name,
@@ -456,6 +478,29 @@ fn fabric_driver(ep: &dyn Fabric, n: u64, raw: Raw, rows: &mut Vec<Row>) -> anyh
     Ok(())
 }
 
+/// Busy-polls `recv` with a zero timeout until something arrives (or `OP_TIMEOUT`).
+fn poll(ep: &dyn Fabric) -> anyhow::Result<Option<Incoming>> {
+    let deadline = Instant::now() + OP_TIMEOUT;
+    loop {
+        for _ in 0..1024 {
+            if let Some(item) = ep.recv(Duration::ZERO)? {
+                return Ok(Some(item));
+            }
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+    }
+}
+
+fn expect_pong(item: Option<Incoming>) -> anyhow::Result<()> {
+    match item {
+        Some(Incoming::Doorbell { imm: PONG, .. }) => Ok(()),
+        Some(other) => bail!("unexpected {other:?} from node 1"),
+        None => bail!("node 1 did not answer a doorbell"),
+    }
+}
+
 fn node1(args: &Args) -> anyhow::Result<()> {
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .context("arranging to die with node 0")?;
@@ -480,15 +525,26 @@ fn node1(args: &Args) -> anyhow::Result<()> {
             Arc::new(TcpFabric::join(cfg)?)
         }
     };
+    // shm busy-polls until told to block (see `fabric_driver`); tcp always blocks.
+    let mut polling = args.backend == Backend::Shm;
+    let mut heard = Instant::now();
     loop {
-        match ep.recv(6 * OP_TIMEOUT)? {
+        let item = if polling {
+            poll(&*ep)?
+        } else {
+            ep.recv(OP_TIMEOUT)?
+        };
+        match item {
             Some(Incoming::Doorbell { from, imm: PING }) => {
                 ep.post_write_imm(from, at(DATA, 0), &[], PONG)?;
             }
+            Some(Incoming::Message { data, .. }) if data == BLOCK => polling = false,
             Some(Incoming::Message { data, .. }) if data == DONE => return Ok(()),
             Some(other) => bail!("node 1: unexpected {other:?}"),
-            None => bail!("node 1: node 0 went quiet"),
+            None if heard.elapsed() > 6 * OP_TIMEOUT => bail!("node 1: node 0 went quiet"),
+            None => continue,
         }
+        heard = Instant::now();
     }
 }
 
