@@ -28,8 +28,12 @@ pub struct Entry {
 /// Finds the suite: `$VSMP_LITMUS_DIR`, else `../shared/litmus` from the repository root
 /// (`repo_root`), else `shared/litmus` inside it. An absent directory is an error.
 pub fn locate(repo_root: &Path) -> Result<PathBuf, SuiteError> {
-    if let Some(dir) = std::env::var_os(DIR_ENV) {
-        let dir = PathBuf::from(dir);
+    locate_with(repo_root, std::env::var_os(DIR_ENV).map(PathBuf::from))
+}
+
+/// [`locate`] with the override given explicitly.
+pub fn locate_with(repo_root: &Path, override_dir: Option<PathBuf>) -> Result<PathBuf, SuiteError> {
+    if let Some(dir) = override_dir {
         return if dir.join("INDEX.tsv").is_file() {
             Ok(dir)
         } else {
@@ -115,4 +119,39 @@ pub fn read_index(dir: &Path) -> Result<Vec<Entry>, SuiteError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_suite_is_an_error_naming_where_it_looked() {
+        let empty = tempfile::tempdir().unwrap();
+        let repo = empty.path().join("repo");
+        let err = locate_with(&repo, None).unwrap_err().to_string();
+        assert!(
+            err.contains("repo/../shared/litmus") && err.contains("VSMP_LITMUS_DIR"),
+            "{err}"
+        );
+        let err = locate_with(&repo, Some(empty.path().join("nowhere")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nowhere"), "{err}");
+    }
+
+    #[test]
+    fn the_suite_is_found_beside_the_repository_or_through_the_override() {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("repo");
+        let suite = root.path().join("shared/litmus");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::create_dir_all(&suite).unwrap();
+        std::fs::write(suite.join("INDEX.tsv"), "name\n").unwrap();
+        assert_eq!(
+            locate_with(&repo, None).unwrap(),
+            repo.join("../shared/litmus")
+        );
+        assert_eq!(locate_with(&repo, Some(suite.clone())).unwrap(), suite);
+    }
 }
