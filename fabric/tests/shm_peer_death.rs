@@ -1,4 +1,5 @@
-//! A killed shm node process is reported as `PeerDead` naming it, by every survivor.
+//! A killed (or stopped, hence silent) shm node process is reported as `PeerDead` naming it,
+//! by every survivor.
 //!
 //! The victim is this test binary re-executed as a node (`VSMP_SHM_CHILD_RANK` set): it joins
 //! the group, answers a doorbell with what it reads in its region (proving the cross-process
@@ -58,6 +59,11 @@ fn child_node_entry_point_does_nothing_unless_spawned_by_the_death_test() {
 struct ChildGuard(Child);
 
 impl ChildGuard {
+    fn stop(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    }
+
     fn kill(&mut self) {
         let _ = self.0.kill(); // SIGKILL
         let _ = self.0.wait();
@@ -90,12 +96,9 @@ fn spawn_child(path: &Path, secret: &Secret) -> ChildGuard {
     ChildGuard(child)
 }
 
-#[test]
-fn a_killed_shm_peer_process_is_reported_dead_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("boot");
-    let secret = Secret::generate().unwrap();
-    let mut child = spawn_child(&path, &secret);
+/// Forms the group with the child as its last rank and checks the cross-process data path:
+/// the child sees our data when our doorbell arrives and sends it back.
+fn group_with_child(path: &Path, secret: &Secret) -> Vec<Arc<dyn Fabric>> {
     let path_str = path.to_str().unwrap();
     let group: Vec<Arc<dyn Fabric>> = std::thread::scope(|s| {
         let joins: Vec<_> = (0..CHILD_RANK)
@@ -109,8 +112,6 @@ fn a_killed_shm_peer_process_is_reported_dead_naming_it() {
             .map(|j| Arc::new(j.join().unwrap().expect("shm join")) as Arc<dyn Fabric>)
             .collect()
     });
-
-    // The other process sees our data when our doorbell arrives.
     let data = conformance::pattern(42, 4096);
     let at = RemoteAddr {
         region: DATA,
@@ -126,7 +127,28 @@ fn a_killed_shm_peer_process_is_reported_dead_naming_it() {
         None => panic!("the child never answered"),
     };
     assert_eq!(reply, data);
+    group
+}
 
+#[test]
+fn a_killed_shm_peer_process_is_reported_dead_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("boot");
+    let secret = Secret::generate().unwrap();
+    let mut child = spawn_child(&path, &secret);
+    let group = group_with_child(&path, &secret);
     conformance::killed_peer_is_reported(&group, NodeId(CHILD_RANK), HEARTBEAT, || child.kill())
         .unwrap();
+}
+
+#[test]
+fn a_stopped_shm_peer_process_is_reported_dead_once_silent_past_the_heartbeat_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("boot");
+    let secret = Secret::generate().unwrap();
+    let child = spawn_child(&path, &secret);
+    let group = group_with_child(&path, &secret);
+    conformance::killed_peer_is_reported(&group, NodeId(CHILD_RANK), HEARTBEAT, || child.stop())
+        .unwrap();
+    // The guard kills and reaps the stopped child.
 }
