@@ -26,21 +26,51 @@ fn every_suite_test_matches_herd7_expected_output_exactly() {
         "INDEX.tsv lists only {} tests",
         index.len()
     );
+    // Check tests on every core: the suite is independent per test.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let all_failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(entry) = index.get(i) else { break };
+                    let failures = check_entry(&dir, entry);
+                    all_failures.lock().unwrap().extend(failures);
+                }
+            });
+        }
+    });
+    let failures = all_failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} checks failed over {} tests:\n{}",
+        failures.len(),
+        index.len(),
+        failures.join("\n")
+    );
+}
+
+/// Checks one suite entry; returns a message per failed check.
+fn check_entry(dir: &Path, entry: &vsmp_litmus::suite::Entry) -> Vec<String> {
     let mut failures = Vec::new();
-    for entry in &index {
+    {
         let path = dir.join(&entry.file);
         let test = match vsmp_litmus::parse_file(&path) {
             Ok(t) => t,
             Err(e) => {
                 failures.push(format!("parse: {e}"));
-                continue;
+                return failures;
             }
         };
         let set = match explore(&test, MemoryModel::Tso, Scope::Condition) {
             Ok(s) => s,
             Err(e) => {
                 failures.push(format!("model: {e}"));
-                continue;
+                return failures;
             }
         };
         let expected_path = path.with_file_name(format!(
@@ -105,11 +135,5 @@ fn every_suite_test_matches_herd7_expected_output_exactly() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} tests failed:\n{}",
-        failures.len(),
-        index.len(),
-        failures.join("\n")
-    );
+    failures
 }
