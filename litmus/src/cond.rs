@@ -53,8 +53,8 @@ impl Prop {
         }
     }
 
-    /// Evaluates the proposition; `value` gives the final value of a place and `eq` compares it
-    /// with a condition value.
+    /// Evaluates the proposition; `holds(place, value)` says whether a place's final value
+    /// equals a condition value.
     pub fn eval(&self, holds: &dyn Fn(Lval, InitValue) -> bool) -> bool {
         match self {
             Prop::True => true,

@@ -160,7 +160,7 @@ impl Location {
     }
 }
 
-/// A thread's initial register value, and the register's declared type if any.
+/// A thread's initial register value (`0:rax=1`, or an address: `0:rax=t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegInit {
     pub thread: ThreadId,
