@@ -507,7 +507,8 @@ impl Shared {
 
     /// Queues an incoming item, waiting while the queue is full (not for dead-peer notices).
     /// `false` when the endpoint shut down first.
-    fn deliver(&self, item: Item) -> bool {
+    /// With `notify` false the caller wakes `recv` itself (see `receive_loop`).
+    fn deliver(&self, item: Item, notify: bool) -> bool {
         let mut q = self.incoming();
         if matches!(item, Item::In(_)) {
             while q.len() >= INCOMING_CAPACITY {
@@ -523,7 +524,9 @@ impl Shared {
         }
         q.push_back(item);
         drop(q);
-        self.incoming_cv.notify_all();
+        if notify {
+            self.incoming_cv.notify_all();
+        }
         true
     }
 }
@@ -551,7 +554,14 @@ fn receive_loop(shared: &Shared, conn: &Conn, mut stream: Stream) {
         match reader.poll(&mut stream) {
             Ok(Some(h)) => {
                 let payload = reader.payload();
-                if let Err(reason) = handle_frame(shared, conn, &h, payload, &mut chunk) {
+                let handled = handle_frame(shared, conn, &h, payload, &mut chunk);
+                // Doorbells and messages were queued quietly and acknowledged; wake `recv`
+                // only now, just before this thread goes back to (usually) blocking in read,
+                // so the woken thread can take this CPU rather than need another one.
+                if matches!(h.kind, Kind::WriteImm | Kind::Send) {
+                    shared.incoming_cv.notify_all();
+                }
+                if let Err(reason) = handled {
                     tracing::warn!(peer = %conn.label, "protocol violation: {reason}");
                     let e = FabricError::Protocol {
                         peer: conn.label.clone(),
@@ -587,10 +597,13 @@ fn receive_loop(shared: &Shared, conn: &Conn, mut stream: Stream) {
     shared.peer_failed(conn, &reason);
     let is_self = conn.peer == shared.rank;
     if !is_self && !shared.shutdown.load(Ordering::Acquire) {
-        shared.deliver(Item::Dead {
-            peer: conn.peer,
-            reason,
-        });
+        shared.deliver(
+            Item::Dead {
+                peer: conn.peer,
+                reason,
+            },
+            true,
+        );
     }
 }
 
@@ -665,10 +678,13 @@ fn handle_frame(
                 return refuse(conn, h.wr, h.region, state.start, len, reason);
             }
             if h.kind == Kind::WriteImm
-                && !shared.deliver(Item::In(Incoming::Doorbell {
-                    from: peer,
-                    imm: h.imm,
-                }))
+                && !shared.deliver(
+                    Item::In(Incoming::Doorbell {
+                        from: peer,
+                        imm: h.imm,
+                    }),
+                    false,
+                )
             {
                 return Ok(());
             }
@@ -696,7 +712,7 @@ fn handle_frame(
                 from: peer,
                 data: payload.to_vec(),
             };
-            if !shared.deliver(Item::In(msg)) {
+            if !shared.deliver(Item::In(msg), false) {
                 return Ok(());
             }
             ack(conn, Kind::Ack, h.wr, 0)
