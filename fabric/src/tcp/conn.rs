@@ -189,6 +189,8 @@ impl Conn {
 
     /// Shuts the socket down: the receive thread sees the end, writers fail, the helper stops.
     pub fn close(&self) {
+        // Pairs with the Acquire in `is_closed`: whoever sees the flag also sees the socket
+        // already shut down, so it will not wait on it.
         self.closed.store(true, Ordering::Release);
         self.ctl.shutdown();
         self.tx_cv.notify_all();

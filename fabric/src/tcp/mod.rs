@@ -453,6 +453,8 @@ impl TcpFabric {
 
 impl Drop for TcpFabric {
     fn drop(&mut self) {
+        // Pairs with the Acquire loads in the receive threads and `peer_failed`: a thread that
+        // sees it treats every connection failure from here on as our own closing.
         self.shared.shutdown.store(true, Ordering::Release);
         for l in &self.shared.links {
             l.conn.close();
