@@ -141,3 +141,19 @@ fn an_injected_delay_holds_every_operation_for_at_least_a_round_trip() {
         assert!(started.elapsed() >= 2 * delay, "loopback ignored the delay");
     }
 }
+
+#[test]
+fn a_node_closing_right_after_receiving_still_acknowledges_under_a_delay() {
+    let mut g = group(Duration::from_millis(20));
+    let one = g.pop().unwrap();
+    let zero = g.pop().unwrap();
+    let wr = zero.post_send(NodeId(1), b"last words").unwrap();
+    match one.recv(WAIT).unwrap() {
+        Some(Incoming::Message { data, .. }) => assert_eq!(data, b"last words"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    // Its acknowledgement is still waiting for its due time: closing must send it first.
+    drop(one);
+    zero.wait(wr, WAIT)
+        .expect("the message was acknowledged before its target closed");
+}

@@ -129,6 +129,8 @@ struct TxQueue {
     backlog: Vec<u8>,
     /// Frames with their due times (only with an injected delay), in posting order.
     delayed: VecDeque<(Instant, Vec<u8>)>,
+    /// The helper is writing frames it took out of this queue.
+    writing: bool,
 }
 
 /// The sending side of one connection.
@@ -228,6 +230,11 @@ impl Conn {
     /// The helper's loop: heartbeats every `heartbeat`, the backlog, delayed frames at their
     /// due times. Returns when the connection is closed or a write fails (the error).
     pub fn run_helper(&self, heartbeat: Duration) -> io::Result<()> {
+        if !self.delay.is_zero() {
+            // Delayed frames are due at precise instants: the default 50 us timer slack
+            // would add up to that much to every delayed hop.
+            sys::tighten_timer_slack();
+        }
         let mut next_beat = Instant::now();
         loop {
             let mut q = self.queue();
@@ -253,19 +260,58 @@ impl Conn {
             drop(q);
             let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
             let mut q = self.queue();
-            let mut bytes = std::mem::take(&mut q.backlog);
+            let backlog = std::mem::take(&mut q.backlog);
             let now = Instant::now();
+            let mut frames = Vec::new();
             while q.delayed.front().is_some_and(|(t, _)| *t <= now) {
                 if let Some((_, frame)) = q.delayed.pop_front() {
-                    bytes.extend_from_slice(&frame);
+                    frames.push(frame);
                 }
             }
+            q.writing = true;
             drop(q);
-            if now >= next_beat {
-                bytes.extend_from_slice(&Header::new(Kind::Heartbeat).encode());
+            let beat = now >= next_beat;
+            if beat {
                 next_beat = now + heartbeat;
             }
-            out.write_all(&bytes)?;
+            let written = (|| {
+                out.write_all(&backlog)?;
+                for f in &frames {
+                    out.write_all(f)?;
+                }
+                if beat {
+                    out.write_all(&Header::new(Kind::Heartbeat).encode())?;
+                }
+                Ok::<(), io::Error>(())
+            })();
+            drop(out);
+            self.queue().writing = false;
+            // Wakes `flush` waiting for the queue to empty.
+            self.tx_cv.notify_all();
+            written?;
+        }
+    }
+
+    /// Waits (at most `bound`) until every queued frame (backlog and delayed frames, at their
+    /// due times) was handed to the socket, so closing does not swallow acks already made.
+    pub fn flush(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        let mut q = self.queue();
+        loop {
+            let idle = q.backlog.is_empty() && q.delayed.is_empty() && !q.writing;
+            if idle || self.is_closed() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            self.tx_cv.notify_all();
+            q = self
+                .tx_cv
+                .wait_timeout(q, (deadline - now).min(Duration::from_millis(10)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }

@@ -139,6 +139,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct TcpFabric {
     shared: Arc<Shared>,
+    delay: Duration,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -270,6 +271,7 @@ impl TcpFabric {
         });
         let mut fabric = TcpFabric {
             shared: shared.clone(),
+            delay: cfg.delay,
             threads: Vec::new(),
         };
         let mut conns: Vec<(Arc<Conn>, String)> = shared
@@ -451,8 +453,17 @@ impl TcpFabric {
     }
 }
 
+/// How long closing an endpoint waits for queued frames beyond the injected delay.
+const CLOSE_FLUSH: Duration = Duration::from_millis(100);
+
 impl Drop for TcpFabric {
     fn drop(&mut self) {
+        // Let acknowledgements and delayed frames already made reach the peers first.
+        let bound = self.delay + CLOSE_FLUSH;
+        for l in &self.shared.links {
+            l.conn.flush(bound);
+        }
+        self.shared.loop_server.flush(bound);
         // Pairs with the Acquire loads in the receive threads and `peer_failed`: a thread that
         // sees it treats every connection failure from here on as our own closing.
         self.shared.shutdown.store(true, Ordering::Release);
