@@ -12,8 +12,9 @@
 //! - `fetch_add` is a hardware atomic add on the word in the target's mapping;
 //! - `send` pushes a message on the ring;
 //! - completion is immediate: the source performed the effect itself, so it is visible at the
-//!   target when the post returns (with an injected delay, a delay thread applies each
-//!   operation `delay` after posting and completes it `delay` later).
+//!   target when the post returns (with an injected delay, each operation is applied `delay`
+//!   after posting and completed `delay` later, by whichever thread is waiting in `recv` or
+//!   `wait` at that moment, or else, a little late, by a sleeping fallback thread).
 //!
 //! Per-peer order: one lock per (source, target) link serialises posting, so copies and ring
 //! pushes to one peer happen in posting order. `recv` spins briefly, then sleeps on a futex in
@@ -71,6 +72,16 @@ const SPIN: Duration = Duration::from_micros(1000);
 /// Read ring space is handed back to the producer at least every this many bytes, so a
 /// receiver that is never idle still keeps its producers flowing.
 const RELEASE_BYTES: u64 = (ring::RING_BYTES / 4) as u64;
+
+/// Bound on payload bytes posted with an injected delay and not yet applied: the window a
+/// link would have. Posting past it helps apply due operations until there is room again.
+const DELAYED_BYTES_IN_FLIGHT: u64 = 8 << 20;
+
+/// How late a delayed operation may be before the fallback delay thread applies it: callers
+/// waiting in `recv` or `wait` apply operations on time; the thread only covers for a poster
+/// that went off doing something else (its operations then land up to this much, plus timer
+/// slack, after their due time).
+const FALLBACK_SLACK: Duration = Duration::from_micros(100);
 
 /// Ring polls between two looks at the clock while spinning.
 const POLLS_PER_CLOCK: usize = 64;
@@ -157,6 +168,16 @@ enum Op<D> {
     Send {
         data: D,
     },
+}
+
+impl<D: AsRef<[u8]>> Op<D> {
+    /// Payload bytes carried.
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Write { data, .. } | Op::Send { data } => data.as_ref().len(),
+            Op::FetchAdd { .. } => 8,
+        }
+    }
 }
 
 impl Op<&[u8]> {
@@ -372,6 +393,19 @@ impl Inner {
             // Release: pairs with `wait`'s acquire load of `done`.
             peer.done.store(counter, Ordering::Release);
         } else {
+            // A bounded window of delayed bytes, as a link has: past it, help apply (which
+            // frees the window as operations fall due) instead of queueing without bound.
+            let mut start = None;
+            while self.delayed.bytes_in_flight() > DELAYED_BYTES_IN_FLIGHT {
+                self.help(false);
+                if start.get_or_insert_with(Instant::now).elapsed() > self.heartbeat_timeout {
+                    return Err(FabricError::Timeout {
+                        what: format!("room in the delayed-operation window to {p}"),
+                        waited: self.heartbeat_timeout,
+                    });
+                }
+                std::hint::spin_loop();
+            }
             self.delayed.push(p, wr, op.to_owned(), self.delay);
         }
         Ok(wr)
@@ -501,39 +535,67 @@ impl Inner {
         }
     }
 
+    /// The delay thread: a fallback that applies jobs when they fall due and no caller of
+    /// `recv` or `wait` is there to help (it sleeps rather than spins, so it costs no core).
     fn run_delayed(&self) {
         while !self.stop.load(Ordering::Acquire) {
-            let Some(job) = self.delayed.next_due(&self.stop) else {
+            self.delayed.sleep_until_due(&self.stop);
+            // Only jobs overdue by the slack, and only if no helper is at it: a fallback
+            // preempted while holding `exec` must not stall helpers that are on time.
+            let Ok(_exec) = self.delayed.exec.try_lock() else {
                 continue;
             };
-            match job {
-                Job::Apply { peer, wr, op } => {
-                    let target = &self.peers[usize::from(peer.0)];
-                    let result = if target.dead.load(Ordering::Acquire) {
-                        Err(dead(peer))
-                    } else {
-                        self.execute(target, &op)
-                    };
-                    self.delayed.push_ack(peer, wr, result, self.delay);
-                }
-                Job::Ack { peer, wr, result } => {
-                    match result {
-                        Ok(Some(v)) => {
-                            lock(&self.fetched).insert(wr, v);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            lock(&self.failed).insert(wr, e);
-                        }
+            while let Some(job) = self.delayed.pop_due(None, FALLBACK_SLACK) {
+                self.run_job(job);
+            }
+        }
+    }
+
+    /// Runs every due delayed job now, from a thread that is waiting anyway (`recv`, `wait`),
+    /// unless another thread is at it. This is what makes short delays accurate. From `recv`
+    /// (`receiving`), a loopback push is left to others: it might wait for room in a ring only
+    /// this receiver drains.
+    fn help(&self, receiving: bool) {
+        if self.delay.is_zero() {
+            return;
+        }
+        let Ok(_exec) = self.delayed.exec.try_lock() else {
+            return;
+        };
+        let skip = receiving.then_some(self.rank);
+        while let Some(job) = self.delayed.pop_due(skip, Duration::ZERO) {
+            self.run_job(job);
+        }
+    }
+
+    fn run_job(&self, job: Job) {
+        match job {
+            Job::Apply { peer, wr, op } => {
+                let target = &self.peers[usize::from(peer.0)];
+                let result = if target.dead.load(Ordering::Acquire) {
+                    Err(dead(peer))
+                } else {
+                    self.execute(target, &op)
+                };
+                self.delayed.push_ack(peer, wr, result, self.delay);
+            }
+            Job::Ack { peer, wr, result } => {
+                match result {
+                    Ok(Some(v)) => {
+                        lock(&self.fetched).insert(wr, v);
                     }
-                    let counter = WrCode::decode(wr).counter;
-                    // Release: pairs with `wait`'s acquire load of `done`.
-                    self.peers[usize::from(peer.0)]
-                        .done
-                        .fetch_max(counter, Ordering::Release);
-                    let _g = lock(&self.completed.0);
-                    self.completed.1.notify_all();
+                    Ok(None) => {}
+                    Err(e) => {
+                        lock(&self.failed).insert(wr, e);
+                    }
                 }
+                let counter = WrCode::decode(wr).counter;
+                // Release: pairs with `wait`'s acquire load of `done`.
+                self.peers[usize::from(peer.0)]
+                    .done
+                    .fetch_max(counter, Ordering::Release);
+                let _g = lock(&self.completed.0);
+                self.completed.1.notify_all();
             }
         }
     }
@@ -666,6 +728,7 @@ impl Fabric for ShmFabric {
         let peer = &inner.peers[usize::from(code.peer.0)];
         let mut start = None;
         loop {
+            inner.help(false);
             // Acquire: pairs with the release store of `done` after the effect.
             if peer.done.load(Ordering::Acquire) >= code.counter {
                 if let Some(e) = lock(&inner.failed).remove(&wr) {
@@ -714,6 +777,7 @@ impl Fabric for ShmFabric {
         let inner = &self.inner;
         let inbox = &inner.peers[usize::from(inner.rank.0)].inbox;
         let mut rx = lock(&inner.rx);
+        inner.help(true);
         if let Some(r) = inner.poll_rings(&mut rx) {
             return r.map(Some);
         }
@@ -722,6 +786,7 @@ impl Fabric for ShmFabric {
             // Poll a batch before looking at the clock: a reply is noticed within one poll.
             inner.release_rings(&rx);
             for _ in 0..POLLS_PER_CLOCK {
+                inner.help(true);
                 if let Some(r) = inner.poll_rings(&mut rx) {
                     return r.map(Some);
                 }
@@ -882,6 +947,10 @@ impl LocalRegion for ShmRegion {
 struct Delayed {
     queue: Mutex<DelayQueue>,
     wake: Condvar,
+    /// Held while running jobs, so they run one at a time, in due order.
+    exec: Mutex<()>,
+    /// Payload bytes of `Apply` jobs queued.
+    in_flight: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -907,9 +976,6 @@ enum Job {
     },
 }
 
-/// A wait shorter than this is spun rather than slept, so microsecond delays stay accurate.
-const DELAY_SPIN: Duration = Duration::from_micros(100);
-
 impl Delayed {
     fn new(nodes: usize) -> Delayed {
         Delayed {
@@ -920,6 +986,8 @@ impl Delayed {
                 ack_due: vec![None; nodes],
             }),
             wake: Condvar::new(),
+            exec: Mutex::new(()),
+            in_flight: AtomicU64::new(0),
         }
     }
 
@@ -940,7 +1008,14 @@ impl Delayed {
     }
 
     fn push(&self, peer: NodeId, wr: WrId, op: Op<Vec<u8>>, delay: Duration) {
+        self.in_flight
+            .fetch_add(op.bytes() as u64, Ordering::Relaxed);
         self.schedule(false, peer, delay, Job::Apply { peer, wr, op });
+    }
+
+    /// Payload bytes posted and not yet applied.
+    fn bytes_in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     fn push_ack(
@@ -953,38 +1028,39 @@ impl Delayed {
         self.schedule(true, peer, delay, Job::Ack { peer, wr, result });
     }
 
-    /// The next job once due; `None` to recheck `stop`.
-    fn next_due(&self, stop: &AtomicBool) -> Option<Job> {
+    /// Takes the first job if it is due (by `slack` already), unless it is an effect on `skip`'s memory (so that
+    /// the order of jobs is kept, the caller then stops).
+    fn pop_due(&self, skip: Option<NodeId>, slack: Duration) -> Option<Job> {
         let mut q = lock(&self.queue);
-        loop {
-            if stop.load(Ordering::Acquire) {
-                return None;
-            }
-            let Some(&(due, _)) = q.jobs.keys().next() else {
-                q = self
-                    .wake
-                    .wait_timeout(q, MAX_SLEEP)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                continue;
-            };
-            let now = Instant::now();
-            if due <= now {
-                return q.jobs.pop_first().map(|(_, j)| j);
-            }
-            if due - now <= DELAY_SPIN {
-                drop(q);
-                while Instant::now() < due {
-                    std::hint::spin_loop();
-                }
-                q = lock(&self.queue);
-            } else {
-                q = self
-                    .wake
-                    .wait_timeout(q, due - now - DELAY_SPIN)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
+        let (&(due, _), job) = q.jobs.first_key_value()?;
+        if due + slack > Instant::now()
+            || matches!(job, Job::Apply { peer, .. } if Some(*peer) == skip)
+        {
+            return None;
+        }
+        let job = q.jobs.pop_first().map(|(_, j)| j);
+        if let Some(Job::Apply { op, .. }) = &job {
+            self.in_flight
+                .fetch_sub(op.bytes() as u64, Ordering::Relaxed);
+        }
+        job
+    }
+
+    /// Sleeps until the first job is overdue by `FALLBACK_SLACK` (or something is scheduled,
+    /// or `MAX_SLEEP` passed).
+    fn sleep_until_due(&self, stop: &AtomicBool) {
+        let q = lock(&self.queue);
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let wait = match q.jobs.keys().next() {
+            None => MAX_SLEEP,
+            Some(&(due, _)) => (due + FALLBACK_SLACK)
+                .saturating_duration_since(Instant::now())
+                .min(MAX_SLEEP),
+        };
+        if !wait.is_zero() {
+            let _ = self.wake.wait_timeout(q, wait);
         }
     }
 }
