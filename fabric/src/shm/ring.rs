@@ -5,8 +5,8 @@
 //! process is the only producer (its per-peer link lock serialises its threads); the target's
 //! receive lock makes it the only consumer.
 //!
-//! An entry is an 8-byte header word (kind, a magic, length) and its payload padded to 8
-//! bytes; an entry never wraps: a pad entry fills the end of the ring instead. A zero header
+//! An entry is an 8-byte header word (kind, a magic, and a length, or for a doorbell its
+//! immediate) and its payload padded to 8 bytes; an entry never wraps: a pad entry fills the end of the ring instead. A zero header
 //! means "nothing here yet". The producer writes the payload, then the header with a release
 //! store; the consumer polls the header at its position with an acquire load, copies the
 //! payload out and moves its private read position on; later, off the fast path (when idle,
@@ -67,8 +67,8 @@ fn padded(len: usize) -> usize {
     ENTRY_HEADER + len.next_multiple_of(8)
 }
 
-fn header(kind: u64, len: usize) -> u64 {
-    kind | MAGIC | (len as u64) << 32
+fn header(kind: u64, upper: u32) -> u64 {
+    kind | MAGIC | u64::from(upper) << 32
 }
 
 impl<'a> Ring<'a> {
@@ -87,7 +87,8 @@ impl<'a> Ring<'a> {
 
     /// Appends a doorbell; `false` when the ring is full.
     pub fn push_doorbell(&self, imm: u32) -> bool {
-        self.push(KIND_DOORBELL, &imm.to_le_bytes())
+        // The immediate rides in the header's upper half: a doorbell is one 8-byte store.
+        self.push(KIND_DOORBELL, imm, &[])
     }
 
     /// Appends a message (at most `MAX_MESSAGE_BYTES`); `false` when the ring is full.
@@ -96,10 +97,11 @@ impl<'a> Ring<'a> {
             data.len() <= MAX_MESSAGE_BYTES,
             "message checked before posting"
         );
-        self.push(KIND_MESSAGE, data)
+        self.push(KIND_MESSAGE, data.len() as u32, data)
     }
 
-    fn push(&self, kind: u64, payload: &[u8]) -> bool {
+    /// Appends an entry whose header carries `kind` and `upper` (a length, or an immediate).
+    fn push(&self, kind: u64, upper: u32, payload: &[u8]) -> bool {
         // Only this producer touches tail and its view of head.
         let tail_word = self.map.u64_at(self.base + TAIL);
         let seen_word = self.map.u64_at(self.base + HEAD_SEEN);
@@ -124,16 +126,20 @@ impl<'a> Ring<'a> {
         }
         if pad > 0 {
             // Release: the consumer may see the pad before the entry after it.
-            self.header_word(tail)
-                .store(header(KIND_PAD, pad - ENTRY_HEADER), Ordering::Release);
+            self.header_word(tail).store(
+                header(KIND_PAD, (pad - ENTRY_HEADER) as u32),
+                Ordering::Release,
+            );
             tail += pad as u64;
         }
-        self.map.copy_in(self.data(tail) + ENTRY_HEADER, payload);
+        if !payload.is_empty() {
+            self.map.copy_in(self.data(tail) + ENTRY_HEADER, payload);
+        }
         // SeqCst swap (one locked instruction on x86): publishes the payload (and every write
         // into regions before it) to the consumer's acquire load of this header, and is a full
         // barrier before the producer's check for a sleeping consumer (see `recv`).
         self.header_word(tail)
-            .swap(header(kind, payload.len()), Ordering::SeqCst);
+            .swap(header(kind, upper), Ordering::SeqCst);
         tail_word.store(tail + size as u64, Ordering::Relaxed);
         true
     }
@@ -173,17 +179,19 @@ impl<'a> Ring<'a> {
                 return Ok(None);
             }
             let kind = h & 0xff;
-            let len = (h >> 32) as usize;
+            let upper = (h >> 32) as u32;
+            // A doorbell's upper half is its immediate; otherwise it is the payload length.
+            let len = if kind == KIND_DOORBELL {
+                0
+            } else {
+                upper as usize
+            };
             let pos = (at % RING_BYTES as u64) as usize;
             let size = padded(len);
             let fits = h & 0xffff_ff00 == MAGIC && pos + size <= RING_BYTES;
             let entry = match kind {
                 KIND_PAD if fits && pos + size == RING_BYTES => None,
-                KIND_DOORBELL if fits && len == 4 => {
-                    let mut imm = [0u8; 4];
-                    self.map.copy_out(self.data(at) + ENTRY_HEADER, &mut imm);
-                    Some(Entry::Doorbell(u32::from_le_bytes(imm)))
-                }
+                KIND_DOORBELL if fits => Some(Entry::Doorbell(upper)),
                 KIND_MESSAGE if fits && len <= MAX_MESSAGE_BYTES => {
                     let mut data = vec![0u8; len];
                     self.map.copy_out(self.data(at) + ENTRY_HEADER, &mut data);
@@ -294,9 +302,12 @@ mod tests {
         let map = ring_map();
         let ring = Ring::at(&map, 0);
         assert!(ring.push_doorbell(1));
-        map.copy_in(HEADER_BYTES + 4, &u32::MAX.to_le_bytes());
+        map.copy_in(HEADER_BYTES + 1, &[0xee]);
         assert!(ring.pop(&mut 0).is_err());
         map.u64_at(HEADER_BYTES).store(u64::MAX, Ordering::Release);
+        assert!(ring.pop(&mut 0).is_err());
+        map.u64_at(HEADER_BYTES)
+            .store(header(KIND_MESSAGE, u32::MAX), Ordering::Release);
         assert!(ring.pop(&mut 0).is_err());
         assert!(ring.pop(&mut 3).is_err());
     }
