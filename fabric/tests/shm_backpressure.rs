@@ -23,7 +23,7 @@ fn a_full_ring_to_an_idle_peer_times_out_then_drains_in_order() {
                 s.spawn(move || {
                     let mut cfg =
                         GroupConfig::new(NodeId(r), 2, conformance::regions(), path, secret);
-                    cfg.heartbeat_timeout = Duration::from_millis(300);
+                    cfg.heartbeat_timeout = Duration::from_secs(1);
                     ShmFabric::join(&cfg)
                 })
             })

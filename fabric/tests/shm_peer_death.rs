@@ -17,7 +17,7 @@ use vsmp_fabric::{Fabric, GroupConfig, Incoming, NodeId, RemoteAddr, SECRET_ENV,
 
 const NODES: usize = 3;
 const CHILD_RANK: u16 = 2;
-const HEARTBEAT: Duration = Duration::from_millis(500);
+const HEARTBEAT: Duration = Duration::from_secs(1);
 const RANK_ENV: &str = "VSMP_SHM_CHILD_RANK";
 const PATH_ENV: &str = "VSMP_SHM_CHILD_PATH";
 

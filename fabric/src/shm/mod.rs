@@ -511,12 +511,17 @@ impl Inner {
                 )
             })
             .collect();
+        let mut previous = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             self.peers[me]
                 .inbox
                 .u64_at(HEARTBEAT)
                 .fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
+            // If this thread itself was not scheduled for a while, it did not watch: silence
+            // it did not see is no evidence against the peers, so the clocks restart.
+            let watched = now.duration_since(previous) <= 4 * period;
+            previous = now;
             for (p, seen) in last.iter_mut().enumerate() {
                 if p == me || self.peers[p].dead.load(Ordering::Relaxed) {
                     continue;
@@ -525,7 +530,7 @@ impl Inner {
                     .inbox
                     .u64_at(HEARTBEAT)
                     .load(Ordering::Relaxed);
-                if beat != seen.0 {
+                if beat != seen.0 || !watched {
                     *seen = (beat, now);
                 } else if now.duration_since(seen.1) > self.heartbeat_timeout {
                     self.declare_dead(p, "its heartbeat stopped");
