@@ -45,9 +45,10 @@ fn config(rank: u16) -> GroupConfig {
 /// Not a check: the body of a node process inside a namespace, run only when
 /// `VSMP_NETNS_NODE` names its rank. Exits 0 when every check of its side passed.
 #[test]
+#[ignore = "a node process's body, run only when a test re-executes this binary with --ignored"]
 fn netns_node_process() {
     let Ok(rank) = std::env::var(NODE_ENV) else {
-        return;
+        panic!("netns_node_process runs only inside a node process started by another test");
     };
     let rank: u16 = rank.parse().expect("VSMP_NETNS_NODE is a rank");
     let ep = TcpFabric::join(config(rank)).expect("joining across the veth pair");
@@ -211,6 +212,7 @@ fn spawn_in(ns: &str, rank: u16) -> NodeProcess {
         .args(["netns", "exec", ns])
         .arg(exe)
         .args([
+            "--ignored",
             "--exact",
             "netns_node_process",
             "--nocapture",

@@ -46,9 +46,10 @@ fn config(rank: u16, nodes: usize, bootstrap: &str) -> GroupConfig {
 /// Not a check: the body of a child node process, run only when `VSMP_TCP_CHILD` names its
 /// rank. It joins the group and serves until its parent's node 0 dies or its lifetime ends.
 #[test]
+#[ignore = "a node process's body, run only when a test re-executes this binary with --ignored"]
 fn child_node_process() {
     let Ok(rank) = std::env::var(CHILD_ENV) else {
-        return;
+        panic!("child_node_process runs only inside a node process started by another test");
     };
     let rank: u16 = rank.parse().expect("VSMP_TCP_CHILD is a rank");
     let boot = std::env::var(BOOT_ENV).expect("the bootstrap address");
@@ -81,6 +82,7 @@ fn spawn_child(rank: u16, nodes: usize, boot: &str) -> ChildGuard {
     let exe = std::env::current_exe().unwrap();
     let child = Command::new(exe)
         .args([
+            "--ignored",
             "--exact",
             "child_node_process",
             "--nocapture",
