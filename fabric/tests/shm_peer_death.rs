@@ -28,11 +28,12 @@ fn config(rank: u16, path: &str, secret: Secret) -> GroupConfig {
     cfg
 }
 
-/// The child's body; a no-op when this binary was not started as a child node.
+/// The child node's body, run only when a death test re-executes this binary with --ignored.
 #[test]
-fn child_node_entry_point_does_nothing_unless_spawned_by_the_death_test() {
+#[ignore = "a node process's body, run only when a test re-executes this binary with --ignored"]
+fn child_node_process() {
     let Ok(rank) = std::env::var(RANK_ENV) else {
-        return;
+        panic!("child_node_process runs only inside a node process started by another test");
     };
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).expect("pdeathsig");
     let rank: u16 = rank.parse().expect("a rank");
@@ -80,8 +81,9 @@ fn spawn_child(path: &Path, secret: &Secret) -> ChildGuard {
     let exe = std::env::current_exe().expect("the test binary");
     let child = Command::new(exe)
         .args([
+            "--ignored",
             "--exact",
-            "child_node_entry_point_does_nothing_unless_spawned_by_the_death_test",
+            "child_node_process",
             "--nocapture",
             "--test-threads=1",
         ])
