@@ -1,22 +1,25 @@
 //! One connection's sending side: who may write on the socket, and when.
 //!
-//! Three kinds of thread write on a connection: posters (the user's threads), the receive
-//! thread (acknowledgements) and the connection's `fabric-tx-<peer>` helper (heartbeats,
-//! delayed frames, and acknowledgements the receive thread could not send at once).
+//! Three kinds of thread write on a connection: posters (the user's threads), the driver (the
+//! thread reading the sockets, see `mod.rs`: acknowledgements) and the connection's
+//! `fabric-tx-<peer>` helper (heartbeats, delayed frames, and acknowledgements the driver
+//! could not send at once).
 //!
-//! **The receive thread never blocks on the socket.** If it did, two nodes sending much to
-//! each other could fill both directions while both receive threads wait to send an ack, and
-//! neither would read again. So it appends its ack to the connection's backlog and, only if it
-//! gets the write lock without waiting, sends what the socket takes right now
-//! (`sys::send_nonblocking`); whatever remains is the helper's to send, blocking. Whoever next
-//! holds the write lock sends the backlog before anything else, so a frame is never split by
-//! another.
+//! **The driver never blocks on the socket.** If it did, two nodes sending much to each other
+//! could fill both directions while both drivers wait to send an ack, and neither would read
+//! again. So it appends its ack to the connection's backlog and, only if it gets the write
+//! lock without waiting, sends what the socket takes right now (`sys::send_nonblocking`);
+//! whatever remains is the helper's to send, blocking. A driver that is a thread in
+//! `recv`/`wait` may instead defer its acks (`reply(.., true)`): they then leave with that
+//! thread's next post to the peer, or at `flush_backlog`. Whoever next holds the write lock
+//! sends the backlog before anything else (in the same vectored write as its own frame), so a
+//! frame is never split by another.
 //!
 //! With an injected delay every frame is queued with its due time (post time + delay) and the
 //! helper writes it then: one-way latency, per-connection order kept, posting never blocked.
 //!
-//! Lock order: `out` (the write lock) before `tx` (backlog and delayed frames). The receive
-//! thread takes `tx` and then only *tries* `out`.
+//! Lock order: `out` (the write lock) before `tx` (backlog and delayed frames). The driver
+//! takes `tx` and then only *tries* `out`.
 
 #![forbid(unsafe_code)]
 
@@ -49,13 +52,6 @@ impl Stream {
         })
     }
 
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
@@ -71,7 +67,7 @@ impl Stream {
         };
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
@@ -125,7 +121,7 @@ pub fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> 
 /// What waits to be written, besides what posters write directly.
 #[derive(Debug, Default)]
 struct TxQueue {
-    /// Bytes that must go out before any other frame (acks the receive thread could not send).
+    /// Bytes that must go out before any other frame (acks not sent yet).
     backlog: Vec<u8>,
     /// Frames with their due times (only with an injected delay), in posting order.
     delayed: VecDeque<(Instant, Vec<u8>)>,
@@ -176,7 +172,7 @@ impl Conn {
         })
     }
 
-    /// A second handle on the socket for the receive thread.
+    /// A second handle on the socket for the driver.
     pub fn reader(&self) -> io::Result<Stream> {
         self.ctl.try_clone()
     }
@@ -189,7 +185,7 @@ impl Conn {
         }
     }
 
-    /// Shuts the socket down: the receive thread sees the end, writers fail, the helper stops.
+    /// Shuts the socket down: the driver sees the end, writers fail, the helper stops.
     pub fn close(&self) {
         // Pairs with the Acquire in `is_closed`: whoever sees the flag also sees the socket
         // already shut down, so it will not wait on it.
@@ -206,8 +202,10 @@ impl Conn {
         self.tx.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends an answer from the receive thread without ever blocking on the socket.
-    pub fn reply(&self, header: &Header) -> io::Result<()> {
+    /// Sends an answer from the receive side without ever blocking on the socket. `defer`
+    /// only queues it (for a thread in `recv`/`wait`, which usually posts to this peer soon:
+    /// the answer then leaves in the same system call; see `flush_backlog` for the bounds).
+    pub fn reply(&self, header: &Header, defer: bool) -> io::Result<()> {
         let bytes = header.encode();
         let mut q = self.queue();
         if !self.delay.is_zero() {
@@ -217,6 +215,23 @@ impl Conn {
             return Ok(());
         }
         q.backlog.extend_from_slice(&bytes);
+        if defer {
+            return Ok(());
+        }
+        self.send_backlog(q)
+    }
+
+    /// Sends deferred answers now, without blocking (what the socket does not take is the
+    /// helper's to send).
+    pub fn flush_backlog(&self) -> io::Result<()> {
+        let q = self.queue();
+        if q.backlog.is_empty() || !self.delay.is_zero() {
+            return Ok(());
+        }
+        self.send_backlog(q)
+    }
+
+    fn send_backlog(&self, mut q: MutexGuard<'_, TxQueue>) -> io::Result<()> {
         if let Ok(out) = self.out.try_lock() {
             let n = sys::send_nonblocking(out.fd(), &q.backlog)?;
             q.backlog.drain(..n);
@@ -334,13 +349,15 @@ impl Sending<'_> {
             conn.tx_cv.notify_all();
             return Ok(());
         }
+        // Answers queued before this frame leave with it, in one system call.
         let backlog = std::mem::take(&mut conn.queue().backlog);
-        if !backlog.is_empty() {
-            self.out.write_all(&backlog)?;
-        }
         write_all_vectored(
             &mut *self.out,
-            &mut [IoSlice::new(&head), IoSlice::new(payload)],
+            &mut [
+                IoSlice::new(&backlog),
+                IoSlice::new(&head),
+                IoSlice::new(payload),
+            ],
         )
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! # How the contract holds
 //! - **Regions** are memory the endpoint owns ([`region`]); a peer's write travels as frames
-//!   ([`frame`]) that this node's receive thread applies.
+//!   ([`frame`]) that this node's *driver* (below) applies.
 //! - **Visibility at completion**: the target acknowledges an operation only after applying it
 //!   (and, for `write_imm`, after queueing its doorbell); `wait` returns on that ack.
 //! - **Per-peer order**: one connection per pair; a poster holds the connection's write lock
@@ -11,7 +11,7 @@
 //!   request to that peer.
 //! - **Grants** are checked at the target; a refused operation is answered with a nack and
 //!   logged once there, and the writer's `wait` returns `AccessDenied`.
-//! - **fetch_add** is served by the owner's receive thread with an atomic add on the word.
+//! - **fetch_add** is served by the owner's driver with an atomic add on the word.
 //! - **Loopback** (operations to one's own rank) goes through an in-process socket pair with
 //!   the same frames, threads and acks as any peer.
 //! - **Failures**: every connection sends a heartbeat every `heartbeat_timeout / 4`; a peer
@@ -21,11 +21,25 @@
 //!   peers are unaffected.
 //! - **Delay**: every frame (requests and acks) leaves `delay` after it was sent, in order.
 //!
+//! # Who reads the sockets: the driver role
+//! One thread at a time holds the endpoint's *driver* role: it waits in `poll(2)` over every
+//! connection's socket, reads what arrived without blocking, and applies it (writes, acks,
+//! doorbells and messages queued for `recv`, `fetch_add`s answered, silent peers declared
+//! dead). A thread in `recv` or `wait` whose answer is not there yet takes the role itself
+//! (like polling a verbs completion queue), so an arriving frame wakes the very thread that
+//! wants it, with no hand-off between threads (on a busy 2-core VM each hand-off cost 20-30
+//! us). Answers it makes are deferred until it posts to that peer (then they leave in the
+//! same system call as the post) or waits again; the background thread `fabric-rx` sends any
+//! still pending every `HANDBACK`. `fabric-rx` drives whenever no thread in `recv`/`wait`
+//! has for `HANDBACK`, so a node that never calls them still serves writes and `fetch_add`s,
+//! answers, and detects dead peers; a thread wanting the role wakes it out of `poll` through
+//! a socket pair. Other threads in `recv`/`wait` sleep on condition variables, woken by what
+//! the driver applies or when it lets go.
+//!
 //! # Threads (per connection, `<p>` the peer's rank)
-//! `fabric-rx-<p>` reads and applies frames; `fabric-tx-<p>` sends heartbeats, delayed frames
-//! and the acks the receive thread could not send at once (see `conn.rs` for why the receive
-//! thread never blocks on a socket). Loopback has two connections (`fabric-rx-self-a/b`).
-//! Posters write on the socket themselves when no delay is injected.
+//! `fabric-tx-<p>` sends heartbeats, delayed frames and the acks the driver could not send at
+//! once (see `conn.rs` for why the driver never blocks on a socket). Loopback has two
+//! connections (`self-a/b`). Posters write on the socket themselves when no delay is injected.
 //!
 //! Lock order: a connection's write lock, then its link state, then its tx queue; the
 //! incoming queue is taken alone.
@@ -43,10 +57,12 @@ pub mod frame {
 }
 
 use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -65,7 +81,7 @@ use region::Region;
 /// (Concurrent posters may exceed it by at most their number.)
 pub const WINDOW: usize = 256;
 
-/// Doorbells and messages queued for `recv`. A full queue stops the receive threads reading,
+/// Doorbells and messages queued for `recv`. A full queue stops the driver reading,
 /// which stops their peers' acks and so, through the window, their posts.
 pub const INCOMING_CAPACITY: usize = 4096;
 
@@ -113,6 +129,39 @@ impl Link {
     }
 }
 
+/// One connection's receiving side, read by whichever thread drives the sockets.
+#[derive(Debug)]
+struct Rx {
+    conn: Arc<Conn>,
+    /// A handle on the socket for polling and non-blocking reads.
+    stream: Stream,
+    state: Mutex<RxState>,
+}
+
+#[derive(Debug)]
+struct RxState {
+    reader: FrameReader,
+    chunk: Option<Chunked>,
+    last_heard: Instant,
+    /// The connection failed or ended and was reported; nothing more is read.
+    ended: bool,
+}
+
+impl Rx {
+    fn state(&self) -> MutexGuard<'_, RxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Reads a socket without blocking (its file description stays blocking for posters).
+struct NonBlocking<'a>(BorrowedFd<'a>);
+
+impl Read for NonBlocking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        sys::recv_nonblocking(self.0, buf)
+    }
+}
+
 #[derive(Debug)]
 enum Item {
     In(Incoming),
@@ -132,6 +181,21 @@ struct Shared {
     incoming_cv: Condvar,
     next_seq: AtomicU64,
     shutdown: AtomicBool,
+    /// Every connection's receiving side (the links' in rank order, then the loopback server).
+    rxs: Vec<Rx>,
+    /// The driver role: whoever holds it polls the sockets and applies what arrives.
+    driver: Mutex<()>,
+    /// The background thread holds the driver role (and may sleep in `poll` on `wake_rx`).
+    bg_driving: AtomicBool,
+    /// Threads in `recv`/`wait` that want the driver role or are driving.
+    app_drivers: AtomicUsize,
+    /// When a thread in `recv`/`wait` last stopped driving.
+    app_left: Mutex<Instant>,
+    /// A byte on `wake_tx` tells the background driver to hand over.
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+    /// The longest a driver sleeps in `poll` before checking for silent peers.
+    tick: Duration,
 }
 
 /// A tcp endpoint. Dropping it closes every connection (peers then see it dead) and joins its
@@ -257,6 +321,34 @@ impl TcpFabric {
                 cv: Condvar::new(),
             });
         }
+        let mut rxs = Vec::with_capacity(links.len() + 1);
+        for conn in links
+            .iter()
+            .map(|l| l.conn.clone())
+            .chain(std::iter::once(loop_server.clone()))
+        {
+            let stream = conn.reader().map_err(io("cloning a socket"))?;
+            // The send timeout is the socket's, shared with the posters' handle.
+            stream
+                .set_write_timeout(Some(write_timeout))
+                .map_err(io("setting socket timeouts"))?;
+            rxs.push(Rx {
+                conn,
+                stream,
+                state: Mutex::new(RxState {
+                    reader: FrameReader::new(),
+                    chunk: None,
+                    last_heard: Instant::now(),
+                    ended: false,
+                }),
+            });
+        }
+        let (wake_tx, wake_rx) =
+            UnixStream::pair().map_err(io("creating the driver's wake-up socket pair"))?;
+        wake_tx
+            .set_nonblocking(true)
+            .and_then(|()| wake_rx.set_nonblocking(true))
+            .map_err(io("setting up the driver's wake-up socket pair"))?;
         let shared = Arc::new(Shared {
             rank: cfg.rank,
             nodes: cfg.nodes,
@@ -268,6 +360,14 @@ impl TcpFabric {
             incoming_cv: Condvar::new(),
             next_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
+            rxs,
+            driver: Mutex::new(()),
+            bg_driving: AtomicBool::new(false),
+            app_drivers: AtomicUsize::new(0),
+            app_left: Mutex::new(Instant::now()),
+            wake_tx,
+            wake_rx,
+            tick,
         });
         let mut fabric = TcpFabric {
             shared: shared.clone(),
@@ -287,18 +387,13 @@ impl TcpFabric {
             })
             .collect();
         conns.push((shared.loop_server.clone(), "self-b".into()));
+        let sh = shared.clone();
+        let rx = thread::Builder::new()
+            .name("fabric-rx".into())
+            .spawn(move || background_driver(&sh))
+            .map_err(io("spawning the background driver thread"))?;
+        fabric.threads.push(rx);
         for (conn, name) in conns {
-            let reader = conn.reader().map_err(io("cloning a socket"))?;
-            reader
-                .set_read_timeout(Some(tick))
-                .and_then(|()| reader.set_write_timeout(Some(write_timeout)))
-                .map_err(io("setting socket timeouts"))?;
-            let (sh, c) = (shared.clone(), conn.clone());
-            let rx = thread::Builder::new()
-                .name(format!("fabric-rx-{name}"))
-                .spawn(move || receive_loop(&sh, &c, reader))
-                .map_err(io("spawning a receive thread"))?;
-            fabric.threads.push(rx);
             let (sh, c) = (shared.clone(), conn);
             let tx = thread::Builder::new()
                 .name(format!("fabric-tx-{name}"))
@@ -464,7 +559,7 @@ impl Drop for TcpFabric {
             l.conn.flush(bound);
         }
         self.shared.loop_server.flush(bound);
-        // Pairs with the Acquire loads in the receive threads and `peer_failed`: a thread that
+        // Pairs with the Acquire loads in the drivers and `peer_failed`: a thread that
         // sees it treats every connection failure from here on as our own closing.
         self.shared.shutdown.store(true, Ordering::Release);
         for l in &self.shared.links {
@@ -473,6 +568,8 @@ impl Drop for TcpFabric {
         }
         self.shared.loop_server.close();
         self.shared.incoming_cv.notify_all();
+        // The background driver may sleep in poll; a full pipe already holds a wake-up.
+        let _ = (&self.shared.wake_tx).write(&[1]);
         for t in self.threads.drain(..) {
             // A panicked thread already reported through its panic message.
             let _ = t.join();
@@ -555,68 +652,254 @@ struct Chunked {
     refusal: Option<(NackReason, u64)>,
 }
 
-/// The receive thread of one connection: reads frames, applies requests, completes acks.
-fn receive_loop(shared: &Shared, conn: &Conn, mut stream: Stream) {
-    let mut reader = FrameReader::new();
-    let mut chunk: Option<Chunked> = None;
-    let mut last_heard = Instant::now();
-    let reason = loop {
-        if shared.shutdown.load(Ordering::Acquire) || conn.is_closed() {
-            break "the connection was closed".to_string();
+/// Frames one connection's reading applies before the driver looks at the others.
+const PUMP_FRAMES: usize = 256;
+
+/// After a thread in `recv`/`wait` stopped driving, how long the background thread leaves the
+/// sockets to it (it usually comes back within microseconds): frames arriving while nobody
+/// drives wait at most this long.
+const HANDBACK: Duration = Duration::from_micros(500);
+
+/// How long a thread in `recv`/`wait` that could not take the driver role sleeps before
+/// trying again (it is woken earlier by what it waits for or by the driver letting go).
+const WAITER_SLICE: Duration = Duration::from_millis(1);
+
+/// The background thread: drives the sockets whenever no thread in `recv`/`wait` does, so a
+/// node that does not call them still applies writes, answers, heartbeats and detects deaths.
+fn background_driver(shared: &Shared) {
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let app_left = *shared.app_left.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.app_drivers.load(Ordering::SeqCst) > 0 || app_left.elapsed() < HANDBACK {
+            thread::sleep(HANDBACK);
+            shared.flush_answers();
+            continue;
         }
-        match reader.poll(&mut stream) {
-            Ok(Some(h)) => {
-                let payload = reader.payload();
-                let handled = handle_frame(shared, conn, &h, payload, &mut chunk);
-                // Doorbells and messages were queued quietly and acknowledged; wake `recv`
-                // only now, just before this thread goes back to (usually) blocking in read,
-                // so the woken thread can take this CPU rather than need another one.
-                if matches!(h.kind, Kind::WriteImm | Kind::Send) {
-                    shared.incoming_cv.notify_all();
-                }
-                if let Err(reason) = handled {
-                    tracing::warn!(peer = %conn.label, "protocol violation: {reason}");
-                    let e = FabricError::Protocol {
-                        peer: conn.label.clone(),
-                        reason,
-                    };
-                    break e.to_string();
-                }
-                // Stamped after handling: time spent waiting for room in the incoming queue
-                // is ours, not the peer's silence.
-                last_heard = Instant::now();
+        let guard = match shared.driver.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                thread::sleep(HANDBACK);
+                continue;
             }
-            Ok(None) => {
-                let silent = last_heard.elapsed();
-                if silent > shared.heartbeat {
-                    break format!(
-                        "silent for {silent:?} (heartbeat timeout {:?})",
-                        shared.heartbeat
+        };
+        // Pairs with the SeqCst increment in `drive_or_wait`: either we see its thread
+        // wanting the role, or it sees us driving and wakes our poll.
+        shared.bg_driving.store(true, Ordering::SeqCst);
+        if shared.app_drivers.load(Ordering::SeqCst) == 0 {
+            shared.drive(shared.tick, true);
+        }
+        shared.bg_driving.store(false, Ordering::SeqCst);
+        drop(guard);
+        if shared.app_drivers.load(Ordering::SeqCst) > 0 {
+            shared.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// One round of driving: waits at most `timeout` for a socket to become readable, reads
+    /// and applies what the readable ones hold, and declares silent peers dead. Only the
+    /// holder of the driver role calls it. `background` also wakes for `wake_rx`, and may
+    /// block while the incoming queue is full (a thread in `recv`/`wait` never does).
+    fn drive(&self, timeout: Duration, background: bool) {
+        self.flush_answers();
+        let live: Vec<&Rx> = self.rxs.iter().filter(|r| !r.conn.is_closed()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = live.iter().map(|r| r.stream.fd()).collect();
+        if background {
+            fds.push(std::os::fd::AsFd::as_fd(&self.wake_rx));
+        }
+        let mut ready = vec![false; fds.len()];
+        if let Err(e) = sys::poll_readable(&fds, timeout, &mut ready) {
+            tracing::warn!("waiting for the fabric's sockets failed: {e}");
+            thread::sleep(timeout.min(WAITER_SLICE));
+            return;
+        }
+        if background && ready.last() == Some(&true) {
+            let mut sink = [0u8; 64];
+            while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        }
+        for (rx, &readable) in live.iter().zip(&ready) {
+            if readable {
+                self.pump(rx, background);
+            } else {
+                self.check_silence(rx);
+            }
+        }
+    }
+
+    /// Reads and applies the frames `rx`'s socket holds now (at most `PUMP_FRAMES`).
+    fn pump(&self, rx: &Rx, may_block: bool) {
+        let mut guard = rx.state();
+        let st = &mut *guard;
+        if st.ended {
+            return;
+        }
+        // Readable: the peer sent something (or hung up, which the read reports).
+        st.last_heard = Instant::now();
+        let mut failure = None;
+        for _ in 0..PUMP_FRAMES {
+            if self.shutdown.load(Ordering::Acquire) || rx.conn.is_closed() {
+                failure = Some("the connection was closed".to_string());
+                break;
+            }
+            // A thread in `recv`/`wait` must not block on a full incoming queue (it would
+            // miss its deadline, or wait for itself): the frames stay in the socket.
+            if !may_block && self.incoming().len() >= INCOMING_CAPACITY {
+                break;
+            }
+            match st.reader.poll(&mut NonBlocking(rx.stream.fd())) {
+                Ok(Some(h)) => {
+                    let conn = &rx.conn;
+                    let handled = handle_frame(
+                        self,
+                        conn,
+                        &h,
+                        st.reader.payload(),
+                        &mut st.chunk,
+                        !may_block,
                     );
+                    // Doorbells and messages were queued quietly and acknowledged; wake
+                    // `recv` only now.
+                    if matches!(h.kind, Kind::WriteImm | Kind::Send) {
+                        self.incoming_cv.notify_all();
+                    }
+                    if let Err(reason) = handled {
+                        tracing::warn!(peer = %conn.label, "protocol violation: {reason}");
+                        let e = FabricError::Protocol {
+                            peer: conn.label.clone(),
+                            reason,
+                        };
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                    // Stamped after handling: time spent waiting for room in the incoming
+                    // queue is ours, not the peer's silence.
+                    st.last_heard = Instant::now();
+                }
+                Ok(None) => break,
+                Err(ReadError::Frame(e)) => {
+                    let e = FabricError::Protocol {
+                        peer: rx.conn.label.clone(),
+                        reason: e.to_string(),
+                    };
+                    tracing::warn!(peer = %rx.conn.label, "{e}");
+                    failure = Some(e.to_string());
+                    break;
+                }
+                Err(e @ ReadError::Closed { .. }) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+                Err(ReadError::Io(e)) => {
+                    failure = Some(format!("the connection failed: {e}"));
+                    break;
                 }
             }
-            Err(ReadError::Frame(e)) => {
-                let e = FabricError::Protocol {
-                    peer: conn.label.clone(),
-                    reason: e.to_string(),
-                };
-                tracing::warn!(peer = %conn.label, "{e}");
-                break e.to_string();
-            }
-            Err(e @ ReadError::Closed { .. }) => break e.to_string(),
-            Err(ReadError::Io(e)) => break format!("the connection failed: {e}"),
         }
-    };
-    shared.peer_failed(conn, &reason);
-    let is_self = conn.peer == shared.rank;
-    if !is_self && !shared.shutdown.load(Ordering::Acquire) {
-        shared.deliver(
-            Item::Dead {
-                peer: conn.peer,
-                reason,
-            },
-            true,
+        if let Some(reason) = failure {
+            st.ended = true;
+            drop(guard);
+            self.connection_ended(&rx.conn, reason);
+        }
+    }
+
+    /// Declares `rx`'s peer dead if its socket, found not readable just now, has carried
+    /// nothing for `heartbeat` (heartbeats that arrived while nobody read would make it
+    /// readable, so a driver that was busy elsewhere never mistakes that for silence).
+    fn check_silence(&self, rx: &Rx) {
+        let Ok(mut st) = rx.state.try_lock() else {
+            return;
+        };
+        let silent = st.last_heard.elapsed();
+        if st.ended || silent <= self.heartbeat {
+            return;
+        }
+        st.ended = true;
+        drop(st);
+        let reason = format!(
+            "silent for {silent:?} (heartbeat timeout {:?})",
+            self.heartbeat
         );
+        self.connection_ended(&rx.conn, reason);
+    }
+
+    fn connection_ended(&self, conn: &Conn, reason: String) {
+        self.peer_failed(conn, &reason);
+        let is_self = conn.peer == self.rank;
+        if !is_self && !self.shutdown.load(Ordering::Acquire) {
+            self.deliver(
+                Item::Dead {
+                    peer: conn.peer,
+                    reason,
+                },
+                true,
+            );
+        }
+    }
+
+    /// Sends the answers a thread in `recv`/`wait` deferred. Called before every wait in
+    /// `poll` and by the background thread every `HANDBACK`, so an answer is deferred at most
+    /// about that long even if its thread neither posts nor waits again.
+    fn flush_answers(&self) {
+        for rx in &self.rxs {
+            if let Err(e) = rx.conn.flush_backlog() {
+                self.peer_failed(&rx.conn, &format!("acknowledging failed: {e}"));
+            }
+        }
+    }
+
+    /// Wakes every thread waiting in `recv` or `wait`, so one of them takes the driver role.
+    fn notify_waiters(&self) {
+        self.incoming_cv.notify_all();
+        for l in &self.links {
+            l.cv.notify_all();
+        }
+    }
+
+    /// Called by `recv`/`wait` when what they wait for is not there yet (and `deadline` has
+    /// not passed): drives the sockets for a while, or, when another thread in
+    /// `recv`/`wait` drives them, waits on `cv` (with `guard`'s lock) until woken.
+    /// Returns the lock again; the caller re-checks its condition.
+    fn drive_or_wait<'a, T>(
+        &self,
+        mut guard: MutexGuard<'a, T>,
+        cv: &Condvar,
+        mutex: &'a Mutex<T>,
+        deadline: Instant,
+    ) -> MutexGuard<'a, T> {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.tick);
+        self.app_drivers.fetch_add(1, Ordering::SeqCst);
+        if self.bg_driving.load(Ordering::SeqCst) {
+            // The background thread may sleep in poll: tell it to hand over. A full pipe
+            // already holds a wake-up.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+        let role = match self.driver.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        match role {
+            Some(role) => {
+                drop(guard);
+                self.drive(slice, false);
+                drop(role);
+                guard = mutex.lock().unwrap_or_else(|p| p.into_inner());
+            }
+            None => {
+                guard = cv
+                    .wait_timeout(guard, slice.min(WAITER_SLICE))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        *self.app_left.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        if self.app_drivers.fetch_sub(1, Ordering::SeqCst) > 1 {
+            self.notify_waiters();
+        }
+        guard
     }
 }
 
@@ -627,6 +910,7 @@ fn handle_frame(
     h: &Header,
     payload: &[u8],
     chunk: &mut Option<Chunked>,
+    defer: bool,
 ) -> Result<(), String> {
     let peer = conn.peer;
     match h.kind {
@@ -688,7 +972,7 @@ fn handle_frame(
             }
             *chunk = None;
             if let Some((reason, len)) = state.refusal {
-                return refuse(conn, h.wr, h.region, state.start, len, reason);
+                return refuse(defer, conn, h.wr, h.region, state.start, len, reason);
             }
             if h.kind == Kind::WriteImm
                 && !shared.deliver(
@@ -701,23 +985,39 @@ fn handle_frame(
             {
                 return Ok(());
             }
-            ack(conn, Kind::Ack, h.wr, 0)
+            ack(conn, Kind::Ack, h.wr, 0, defer)
         }
         Kind::FetchAdd => {
             not_mid_write(chunk, h)?;
             let region = match shared.region(h.region) {
                 Ok(r) => r,
                 Err(_) => {
-                    return refuse(conn, h.wr, h.region, h.offset, 8, NackReason::UnknownRegion);
+                    return refuse(
+                        defer,
+                        conn,
+                        h.wr,
+                        h.region,
+                        h.offset,
+                        8,
+                        NackReason::UnknownRegion,
+                    );
                 }
             };
             if !region.spec().permits(peer, h.offset, 8) {
-                return refuse(conn, h.wr, h.region, h.offset, 8, NackReason::AccessDenied);
+                return refuse(
+                    defer,
+                    conn,
+                    h.wr,
+                    h.region,
+                    h.offset,
+                    8,
+                    NackReason::AccessDenied,
+                );
             }
             let old = region
                 .fetch_add(h.offset, h.arg)
                 .map_err(|e| e.to_string())?;
-            ack(conn, Kind::AckFetch, h.wr, old)
+            ack(conn, Kind::AckFetch, h.wr, old, defer)
         }
         Kind::Send => {
             not_mid_write(chunk, h)?;
@@ -728,7 +1028,7 @@ fn handle_frame(
             if !shared.deliver(Item::In(msg), false) {
                 return Ok(());
             }
-            ack(conn, Kind::Ack, h.wr, 0)
+            ack(conn, Kind::Ack, h.wr, 0, defer)
         }
     }
 }
@@ -743,15 +1043,16 @@ fn not_mid_write(chunk: &Option<Chunked>, h: &Header) -> Result<(), String> {
     }
 }
 
-fn ack(conn: &Conn, kind: Kind, wr: u64, arg: u64) -> Result<(), String> {
+fn ack(conn: &Conn, kind: Kind, wr: u64, arg: u64, defer: bool) -> Result<(), String> {
     let mut a = Header::new(kind);
     a.wr = wr;
     a.arg = arg;
-    conn.reply(&a)
+    conn.reply(&a, defer)
         .map_err(|e| format!("acknowledging failed: {e}"))
 }
 
 fn refuse(
+    defer: bool,
     conn: &Conn,
     wr: u64,
     region: u32,
@@ -773,7 +1074,8 @@ fn refuse(
     n.offset = offset;
     n.arg = len;
     n.imm = reason as u32;
-    conn.reply(&n).map_err(|e| format!("refusing failed: {e}"))
+    conn.reply(&n, defer)
+        .map_err(|e| format!("refusing failed: {e}"))
 }
 
 /// Completes our request `h.wr` (and every earlier one) to the peer behind `conn`.
@@ -927,11 +1229,9 @@ impl Fabric for TcpFabric {
                     waited: timeout,
                 });
             }
-            st = link
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self
+                .shared
+                .drive_or_wait(st, &link.cv, &link.state, deadline);
         }
     }
 
@@ -951,12 +1251,12 @@ impl Fabric for TcpFabric {
             if now >= deadline {
                 return Ok(None);
             }
-            q = self
-                .shared
-                .incoming_cv
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            q = self.shared.drive_or_wait(
+                q,
+                &self.shared.incoming_cv,
+                &self.shared.incoming,
+                deadline,
+            );
         }
     }
 }

@@ -1,6 +1,6 @@
 //! A registered region of the tcp backend: plain memory owned by the endpoint.
 //!
-//! The bytes live in 64-bit atomic words, so the receive threads (applying peers' writes and
+//! The bytes live in 64-bit atomic words, so the driver (applying peers' writes and
 //! serving `fetch_add`) and the owner's local reads and writes never race in the Rust memory
 //! model, with no `unsafe`: a copy is a loop of word loads/stores (plain moves on x86-64), and
 //! a partial word at either end of a copy is merged with a compare-and-swap so that it cannot

@@ -1,7 +1,8 @@
-//! The system calls std does not offer: a send that never blocks, for the receive thread's
-//! acknowledgements (see `conn.rs`: a receive thread that blocked on a full socket could
-//! deadlock two nodes that both stopped reading), and a tighter timer slack for the thread
-//! that releases delayed frames.
+//! The system calls std does not offer: a send that never blocks, for the driver's
+//! acknowledgements (see `conn.rs`: a driver that blocked on a full socket could deadlock two
+//! nodes that both stopped reading), a receive that never blocks and `poll(2)` over several
+//! sockets (for the driver, see `mod.rs`), and a tighter timer slack for the thread that
+//! releases delayed frames.
 
 #![allow(unsafe_code)]
 
@@ -32,6 +33,65 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
             _ => return Err(e),
         }
     }
+}
+
+/// Reads what the socket holds right now (`MSG_DONTWAIT`) without changing the blocking
+/// mode of the file description, which posters share. `WouldBlock` when it holds nothing.
+pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `fd` is a borrowed, open socket for the duration of the call, and the pointer
+        // and length describe `buf`, a live exclusive slice the kernel writes at most
+        // `buf.len()` bytes into.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits at most `timeout` until one of `fds` is readable (or hung up, or failed: a read then
+/// reports it) and sets `ready[i]` for each such `fds[i]`. An interrupted wait returns with
+/// nothing ready.
+pub fn poll_readable(
+    fds: &[BorrowedFd<'_>],
+    timeout: std::time::Duration,
+    ready: &mut [bool],
+) -> io::Result<()> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // Rounded up, so a short timeout does not become a busy loop.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfds` is a live, exclusive array of `pfds.len()` pollfd structures built from
+    // borrowed open descriptors; the kernel only writes their `revents`.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    for (r, p) in ready.iter_mut().zip(&pfds) {
+        *r = p.revents != 0;
+    }
+    Ok(())
 }
 
 /// Asks the kernel to wake this thread's timed waits within 1 ns of their deadline instead of
