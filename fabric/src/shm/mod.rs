@@ -41,6 +41,7 @@ mod sys;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -52,7 +53,7 @@ use crate::{
     RegionSpec, RemoteAddr, WrId,
 };
 use ring::{Entry, RING_STRIDE, Ring};
-use sys::Mapping;
+use sys::{Mapping, PostLock};
 
 /// Inbox layout: the heartbeat counter, the futex word and the sleeper count each on their
 /// own cache line, then one ring per source.
@@ -117,10 +118,11 @@ struct Inner {
     peers: Vec<Peer>,
     own: Vec<ShmRegion>,
     next_counter: AtomicU64,
-    fetched: Mutex<HashMap<WrId, u64>>,
-    /// Failures of delayed operations, reported by `wait`.
+    /// Results of `fetch_add`s not yet handed out by `wait`.
+    fetched: PostLock<HashMap<WrId, u64, BuildHasherDefault<WrHasher>>>,
+    /// Failures of delayed operations, reported by `wait` (empty without a delay).
     failed: Mutex<HashMap<WrId, FabricError>>,
-    rx: Mutex<Receiver>,
+    rx: PostLock<Receiver>,
     delayed: Delayed,
     /// Signalled when a delayed operation completes or a peer dies.
     completed: (Mutex<()>, Condvar),
@@ -134,8 +136,9 @@ struct Peer {
     pid: u32,
     regions: Vec<Arc<Mapping>>,
     inbox: Arc<Mapping>,
-    /// Serialises posts to this peer, so they take effect in posting order.
-    link: Mutex<()>,
+    /// Serialises posts to this peer, so they take effect in posting order (a lock whose
+    /// uncontended round is one compare-exchange and a plain store: it is on every post).
+    link: PostLock<()>,
     /// Highest work-request counter to this peer that has completed.
     done: AtomicU64,
     dead: AtomicBool,
@@ -252,9 +255,9 @@ impl ShmFabric {
             peers,
             own,
             next_counter: AtomicU64::new(1),
-            fetched: Mutex::new(HashMap::new()),
+            fetched: PostLock::new(HashMap::default()),
             failed: Mutex::new(HashMap::new()),
-            rx: Mutex::new(Receiver {
+            rx: PostLock::new(Receiver {
                 next: 0,
                 read: vec![0; n],
                 reported: vec![false; n],
@@ -328,10 +331,32 @@ fn peer(cfg: &GroupConfig, m: &join::Member) -> Result<Peer, FabricError> {
             .zip(&m.regions)
             .map(|(spec, f)| map(f, map_len(spec.len), spec.id.to_string()))
             .collect::<Result<_, _>>()?,
-        link: Mutex::new(()),
+        link: PostLock::new(()),
         done: AtomicU64::new(0),
         dead: AtomicBool::new(false),
     })
+}
+
+/// Hashes the `WrId`s of the `fetched` table: they are unique integers, so a multiply and a
+/// fold spread them well enough, at a fraction of SipHash's cost on the `fetch_add` path.
+#[derive(Debug, Default)]
+struct WrHasher(u64);
+
+impl Hasher for WrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let h = (self.0 ^ v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 32);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -378,7 +403,7 @@ impl Inner {
     fn post(&self, p: NodeId, op: Op<&[u8]>) -> Result<WrId, FabricError> {
         let peer = self.peer(p)?;
         let fetch = matches!(op, Op::FetchAdd { .. });
-        let _link = lock(&peer.link);
+        let _link = peer.link.lock();
         if peer.dead.load(Ordering::Acquire) {
             return Err(dead(p));
         }
@@ -388,7 +413,7 @@ impl Inner {
         if self.delay.is_zero() {
             let fetched = self.execute(peer, &op)?;
             if let Some(v) = fetched {
-                lock(&self.fetched).insert(wr, v);
+                self.fetched.lock().insert(wr, v);
             }
             // Release: pairs with `wait`'s acquire load of `done`.
             peer.done.store(counter, Ordering::Release);
@@ -587,7 +612,7 @@ impl Inner {
             Job::Ack { peer, wr, result } => {
                 match result {
                     Ok(Some(v)) => {
-                        lock(&self.fetched).insert(wr, v);
+                        self.fetched.lock().insert(wr, v);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -608,12 +633,13 @@ impl Inner {
     fn poll_rings(&self, rx: &mut Receiver) -> Option<Result<Incoming, FabricError>> {
         let n = self.peers.len();
         let inbox = &self.peers[usize::from(self.rank.0)].inbox;
-        for k in 0..n {
-            let s = (rx.next + k) % n;
+        // Round robin from `rx.next`, without a division (this runs on every poll).
+        let start = rx.next.min(n - 1);
+        for s in (start..n).chain(0..start) {
             let ring = Ring::at(inbox, ring_base(s));
             match ring.pop(&mut rx.read[s]) {
                 Ok(Some(entry)) => {
-                    rx.next = (s + 1) % n;
+                    rx.next = if s + 1 == n { 0 } else { s + 1 };
                     if ring.unreleased(rx.read[s]) >= RELEASE_BYTES {
                         ring.release(rx.read[s]);
                     }
@@ -736,12 +762,17 @@ impl Fabric for ShmFabric {
             inner.help(false);
             // Acquire: pairs with the release store of `done` after the effect.
             if peer.done.load(Ordering::Acquire) >= code.counter {
-                if let Some(e) = lock(&inner.failed).remove(&wr) {
+                // Only delayed operations fail after posting.
+                if !inner.delay.is_zero()
+                    && let Some(e) = lock(&inner.failed).remove(&wr)
+                {
                     return Err(e);
                 }
                 let fetched = if code.fetch {
                     Some(
-                        lock(&inner.fetched)
+                        inner
+                            .fetched
+                            .lock()
                             .remove(&wr)
                             .ok_or(FabricError::UnknownWr { wr })?,
                     )
@@ -781,32 +812,37 @@ impl Fabric for ShmFabric {
     fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, FabricError> {
         let inner = &self.inner;
         let inbox = &inner.peers[usize::from(inner.rank.0)].inbox;
-        let mut rx = lock(&inner.rx);
+        let mut rx = inner.rx.lock();
         inner.help(true);
         if let Some(r) = inner.poll_rings(&mut rx) {
             return r.map(Some);
         }
+        // A poller (zero timeout) comes back at once. Read space is handed back every quarter
+        // ring (in `poll_rings`) and when idle (below), not on every empty poll: zeroing the
+        // entry just read would pull the cache line the producer writes next away from it.
+        if timeout.is_zero() {
+            return Ok(None);
+        }
         let start = Instant::now();
         loop {
             // Poll a batch before looking at the clock: a reply is noticed within one poll.
-            inner.release_rings(&rx);
             for _ in 0..POLLS_PER_CLOCK {
                 inner.help(true);
                 if let Some(r) = inner.poll_rings(&mut rx) {
                     return r.map(Some);
                 }
-                if timeout.is_zero() {
-                    return Ok(None);
-                }
                 std::hint::spin_loop();
             }
             let waited = start.elapsed();
             if waited >= timeout {
+                inner.release_rings(&rx);
                 return Ok(None);
             }
             if waited < SPIN {
                 continue;
             }
+            // Idle: hand the read space back before sleeping.
+            inner.release_rings(&rx);
             let seq = inbox.u32_at(WAKE).load(Ordering::Acquire);
             inbox.u32_at(SLEEPERS).fetch_add(1, Ordering::SeqCst);
             // SeqCst fence: pairs with the producer's fence between publishing an entry and

@@ -69,12 +69,16 @@ const DONE: &[u8] = b"done";
 /// Tells node 1 to stop busy-polling and block in `recv`.
 const BLOCK: &[u8] = b"block";
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Raw shm words, each on its own cache line; the copy area follows.
+/// Raw shm words, each on its own cache line and 128-byte line pair (as the fabric's rings
+/// are: the adjacent-line prefetcher must not couple them); the copy area follows.
 const RAW_PING: usize = 0;
-const RAW_PONG: usize = 64;
+const RAW_PONG: usize = 1024;
+const RAW_WORD: usize = 2048;
 const RAW_COPY: usize = 4096;
 const RAW_SHM_BYTES: usize = RAW_COPY + MAX_WRITE;
 const RAW_END: u64 = u64::MAX;
+/// Polls between two looks at the clock, in the raw and the fabric ping-pong loops alike.
+const POLLS_PER_CLOCK: usize = 1024;
 
 fn regions() -> Vec<RegionSpec> {
     vec![
@@ -279,14 +283,19 @@ fn raw_shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
     let round_trip = time(n, || {
         i += 1;
         ping.store(i, Ordering::Release);
-        let start = Instant::now();
-        while pong.load(Ordering::Acquire) != i {
-            std::hint::spin_loop();
-            if start.elapsed() > OP_TIMEOUT {
+        // Polls as `poll` does the fabric: a batch of loads between looks at the clock.
+        let deadline = Instant::now() + OP_TIMEOUT;
+        loop {
+            for _ in 0..POLLS_PER_CLOCK {
+                if pong.load(Ordering::Acquire) == i {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() > deadline {
                 bail!("node 1 stopped answering the raw shared-memory ping-pong");
             }
         }
-        Ok(())
     })?;
     ping.store(RAW_END, Ordering::Release);
     let writes = WRITE_SIZES
@@ -300,7 +309,7 @@ fn raw_shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let word = raw.word(RAW_PONG + 64);
+    let word = raw.word(RAW_WORD);
     let fetch_add = time(n, || {
         std::hint::black_box(word.fetch_add(1, Ordering::SeqCst));
         Ok(())
@@ -336,18 +345,22 @@ fn raw_shm_node1(path: &str) -> anyhow::Result<()> {
     let mut last = 0;
     let mut idle = Instant::now();
     loop {
-        let v = ping.load(Ordering::Acquire);
-        if v == RAW_END {
-            return Ok(());
+        // Polls as `poll` does the fabric: a batch of loads between looks at the clock.
+        for _ in 0..POLLS_PER_CLOCK {
+            let v = ping.load(Ordering::Acquire);
+            if v == RAW_END {
+                return Ok(());
+            }
+            if v != last {
+                pong.store(v, Ordering::Release);
+                last = v;
+                idle = Instant::now();
+            }
+            std::hint::spin_loop();
         }
-        if v != last {
-            pong.store(v, Ordering::Release);
-            last = v;
-            idle = Instant::now();
-        } else if idle.elapsed() > 6 * OP_TIMEOUT {
+        if idle.elapsed() > 6 * OP_TIMEOUT {
             bail!("node 0 never finished the raw ping-pong");
         }
-        std::hint::spin_loop();
     }
 }
 
@@ -525,7 +538,7 @@ fn fabric_driver(
 fn poll(ep: &dyn Fabric) -> anyhow::Result<Option<Incoming>> {
     let deadline = Instant::now() + OP_TIMEOUT;
     loop {
-        for _ in 0..1024 {
+        for _ in 0..POLLS_PER_CLOCK {
             if let Some(item) = ep.recv(Duration::ZERO)? {
                 return Ok(Some(item));
             }
