@@ -77,6 +77,12 @@ const RAW_WORD: usize = 2048;
 const RAW_COPY: usize = 4096;
 const RAW_SHM_BYTES: usize = RAW_COPY + MAX_WRITE;
 const RAW_END: u64 = u64::MAX;
+/// Stored in the raw ping word: node 1 goes back to the fabric (see `interleaved`).
+const RAW_BACK: u64 = u64::MAX - 1;
+/// Tells node 1 (through the fabric) to answer the raw ping-pong until `RAW_BACK`.
+const RAW: &[u8] = b"raw";
+/// Chunks in which the fabric's and the raw round trips alternate.
+const ROUND_TRIP_CHUNKS: u64 = 20;
 /// Polls between two looks at the clock, in the raw and the fabric ping-pong loops alike.
 const POLLS_PER_CLOCK: usize = 1024;
 
@@ -283,19 +289,7 @@ fn raw_shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
     let round_trip = time(n, || {
         i += 1;
         ping.store(i, Ordering::Release);
-        // Polls as `poll` does the fabric: a batch of loads between looks at the clock.
-        let deadline = Instant::now() + OP_TIMEOUT;
-        loop {
-            for _ in 0..POLLS_PER_CLOCK {
-                if pong.load(Ordering::Acquire) == i {
-                    return Ok(());
-                }
-                std::hint::spin_loop();
-            }
-            if Instant::now() > deadline {
-                bail!("node 1 stopped answering the raw shared-memory ping-pong");
-            }
-        }
+        raw_wait(pong, i)
     })?;
     ping.store(RAW_END, Ordering::Release);
     let writes = WRITE_SIZES
@@ -338,22 +332,22 @@ fn raw_shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
     })
 }
 
-fn raw_shm_node1(path: &str) -> anyhow::Result<()> {
-    let raw = SharedMemory::open(path.as_ref(), RAW_SHM_BYTES)?;
+/// Node 1's side of the raw ping-pong: answers every new value of the ping word until node 0
+/// stores `RAW_END` or `RAW_BACK` there; `last` is the last value answered, across calls.
+fn raw_shm_node1(raw: &SharedMemory, last: &mut u64) -> anyhow::Result<()> {
     let ping = raw.word(RAW_PING);
     let pong = raw.word(RAW_PONG);
-    let mut last = 0;
     let mut idle = Instant::now();
     loop {
         // Polls as `poll` does the fabric: a batch of loads between looks at the clock.
         for _ in 0..POLLS_PER_CLOCK {
             let v = ping.load(Ordering::Acquire);
-            if v == RAW_END {
+            if v == RAW_END || v == RAW_BACK {
                 return Ok(());
             }
-            if v != last {
+            if v != *last && v != 0 {
                 pong.store(v, Ordering::Release);
-                last = v;
+                *last = v;
                 idle = Instant::now();
             }
             std::hint::spin_loop();
@@ -445,20 +439,20 @@ fn fabric_driver(
     local_raw: Option<&SharedMemory>,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let poll_doorbells = local_raw.is_some();
     let peer = NodeId(1);
     // shm: both nodes first busy-poll `recv` with a zero timeout, as a latency-bound user
     // polls a completion queue: the fabric's data path without the sleep policy. (Not on
     // tcp: a poller would steal the core its receive thread needs.)
-    if poll_doorbells {
-        let fabric = time(n, || {
+    let mut raw_seq = 0u64;
+    if let Some(mem) = local_raw {
+        let (fabric, raw_h) = interleaved(ep, mem, &mut raw_seq, n, || {
             ep.post_write_imm(peer, at(DATA, 0), &[], PING)?;
             expect_pong(poll(ep)?)
         })?;
         rows.push(Row::Latency {
             name: "doorbell round trip (polling)".into(),
             fabric,
-            raw: raw.round_trip.clone(),
+            raw: raw_h,
             raw_name: raw.round_trip_name,
         });
     }
@@ -479,14 +473,18 @@ fn fabric_driver(
         });
     }
     // Blocking: both nodes call `recv` with a timeout (spin, then sleep).
-    let fabric = time(n, || {
+    let blocking = || {
         ep.post_write_imm(peer, at(DATA, 0), &[], PING)?;
         expect_pong(ep.recv(OP_TIMEOUT)?)
-    })?;
+    };
+    let (fabric, raw_h) = match local_raw {
+        Some(mem) => interleaved(ep, mem, &mut raw_seq, n, blocking)?,
+        None => (time(n, blocking)?, raw.round_trip),
+    };
     rows.push(Row::Latency {
         name: "doorbell round trip (blocking)".into(),
         fabric,
-        raw: raw.round_trip,
+        raw: raw_h,
         raw_name: raw.round_trip_name,
     });
     let fabric = time(n, || {
@@ -534,6 +532,70 @@ fn fabric_driver(
     Ok(())
 }
 
+/// shm: times `n` fabric round trips `f` and `n` raw spin ping-pongs, alternating in chunks,
+/// so that both see the same host conditions (on a shared host the cost of moving a cache line
+/// between the two processes changes from minute to minute with where they run). Node 1
+/// answers the raw chunks on a `RAW` message, until `RAW_BACK`.
+fn interleaved(
+    ep: &dyn Fabric,
+    mem: &SharedMemory,
+    seq: &mut u64,
+    n: u64,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let ping = mem.word(RAW_PING);
+    let pong = mem.word(RAW_PONG);
+    let chunk = (n / ROUND_TRIP_CHUNKS).max(1);
+    let mut fabric = histogram();
+    let mut raw = histogram();
+    for c in 0..=ROUND_TRIP_CHUNKS {
+        // The first chunk of each is a warm-up, not recorded.
+        let record = c > 0;
+        let iters = if record { chunk } else { chunk.max(n / 10) };
+        // Each chunk's first round trip also covers node 1 switching over: not recorded.
+        for k in 0..=iters {
+            let t = Instant::now();
+            f()?;
+            if record && k > 0 {
+                fabric.record((t.elapsed().as_nanos() as u64).max(1))?;
+            }
+        }
+        // Node 1 leaves its raw loop only on RAW_BACK, so the word is cleared before it is
+        // told to enter it (the message is published after this store).
+        ping.store(0, Ordering::Release);
+        let wr = ep.post_send(NodeId(1), RAW)?;
+        ep.wait(wr, OP_TIMEOUT)?;
+        for k in 0..=iters {
+            *seq += 1;
+            let i = *seq;
+            let t = Instant::now();
+            ping.store(i, Ordering::Release);
+            raw_wait(pong, i)?;
+            if record && k > 0 {
+                raw.record((t.elapsed().as_nanos() as u64).max(1))?;
+            }
+        }
+        ping.store(RAW_BACK, Ordering::Release);
+    }
+    Ok((fabric, raw))
+}
+
+/// Spins until the raw pong word holds `i`, polling as `poll` does the fabric.
+fn raw_wait(pong: &std::sync::atomic::AtomicU64, i: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + OP_TIMEOUT;
+    loop {
+        for _ in 0..POLLS_PER_CLOCK {
+            if pong.load(Ordering::Acquire) == i {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() > deadline {
+            bail!("node 1 stopped answering the raw shared-memory ping-pong");
+        }
+    }
+}
+
 /// Busy-polls `recv` with a zero timeout until something arrives (or `OP_TIMEOUT`).
 fn poll(ep: &dyn Fabric) -> anyhow::Result<Option<Incoming>> {
     let deadline = Instant::now() + OP_TIMEOUT;
@@ -571,9 +633,12 @@ fn node1(args: &Args) -> anyhow::Result<()> {
     let secret = Secret::from_env()?.with_context(|| format!("{SECRET_ENV} is not set"))?;
     let mut cfg = GroupConfig::new(NodeId(1), 2, regions(), bootstrap, secret);
     cfg.delay = args.delay;
+    let mut raw_shm = None;
+    let mut last = 0;
     let ep: Arc<dyn Fabric> = match args.backend {
         Backend::Shm => {
-            raw_shm_node1(raw)?;
+            let mem = raw_shm.insert(SharedMemory::open(raw.as_ref(), RAW_SHM_BYTES)?);
+            raw_shm_node1(mem, &mut last)?;
             Arc::new(ShmFabric::join(&cfg)?)
         }
         Backend::Tcp => {
@@ -595,6 +660,12 @@ fn node1(args: &Args) -> anyhow::Result<()> {
                 ep.post_write_imm(from, at(DATA, 0), &[], PONG)?;
             }
             Some(Incoming::Message { data, .. }) if data == BLOCK => polling = false,
+            Some(Incoming::Message { data, .. }) if data == RAW => {
+                let mem = raw_shm
+                    .as_ref()
+                    .context("a raw chunk outside the shm benchmark")?;
+                raw_shm_node1(mem, &mut last)?;
+            }
             Some(Incoming::Message { data, .. }) if data == DONE => return Ok(()),
             Some(other) => bail!("node 1: unexpected {other:?}"),
             None if heard.elapsed() > 6 * OP_TIMEOUT => bail!("node 1: node 0 went quiet"),
