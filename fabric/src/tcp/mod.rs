@@ -28,8 +28,9 @@
 //! dead). A thread in `recv` or `wait` whose answer is not there yet takes the role itself
 //! (like polling a verbs completion queue), so an arriving frame wakes the very thread that
 //! wants it, with no hand-off between threads (on a busy 2-core VM each hand-off cost 20-30
-//! us). Answers it makes are deferred until it posts to that peer (then they leave in the
-//! same system call as the post) or waits again; the background thread `fabric-rx` sends any
+//! us). Its acks of doorbells and messages are deferred until it posts to that peer (then
+//! they leave in the same system call as the post, usually the answering doorbell) or waits
+//! again; the background thread `fabric-rx` sends any
 //! still pending every `HANDBACK`. `fabric-rx` drives whenever no thread in `recv`/`wait`
 //! has for `HANDBACK`, so a node that never calls them still serves writes and `fetch_add`s,
 //! answers, and detects dead peers; a thread wanting the role wakes it out of `poll` through
@@ -756,7 +757,10 @@ impl Shared {
                         &h,
                         st.reader.payload(),
                         &mut st.chunk,
-                        !may_block,
+                        // Only a doorbell's or message's answer waits for the thread it
+                        // wakes (which usually answers it, see `conn.rs`); the others leave
+                        // at once, with any deferred before them.
+                        !may_block && matches!(h.kind, Kind::WriteImm | Kind::Send),
                     );
                     // Doorbells and messages were queued quietly and acknowledged; wake
                     // `recv` only now.
