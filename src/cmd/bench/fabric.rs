@@ -41,8 +41,15 @@ pub struct Args {
     /// Timed iterations per latency figure.
     #[arg(long, default_value_t = 20_000)]
     iterations: u64,
-    /// Injected one-way fabric delay (e.g. 2us); the raw primitive is never delayed.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    /// Injected one-way fabric delay (e.g. 2us), to emulate a slower link on one host; the raw
+    /// primitive is never delayed.
+    #[arg(
+        long = "fabric-delay",
+        visible_alias = "delay",
+        value_name = "DURATION",
+        value_parser = humantime::parse_duration,
+        default_value = "0s"
+    )]
     delay: Duration,
     /// Internal: run as node 1 of a benchmark, driven by node 0.
     #[arg(long, hide = true)]
@@ -227,7 +234,7 @@ fn driver(args: &Args) -> anyhow::Result<()> {
                 Backend::Tcp => "tcp",
             })
             .arg(format!(
-                "--delay={}",
+                "--fabric-delay={}",
                 humantime::format_duration(args.delay)
             ))
             .arg(format!("--internal-raw={raw}"))
