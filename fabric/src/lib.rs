@@ -14,6 +14,10 @@
 //!
 //! Backends: [`sim`] (in-process, seeded, models exactly the contract), [`shm`] (nodes on one
 //! host), [`tcp`] (everywhere). A verbs backend follows on the same contract.
+//!
+//! `unsafe` is confined to the backends' `sys` modules (`shm/sys.rs`, `tcp/sys.rs`), each
+//! block with a `// SAFETY:` comment; the rest of the crate may not use it.
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod bootstrap;
