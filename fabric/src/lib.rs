@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod bootstrap;
+mod checks;
 mod config;
 pub mod conformance;
 mod error;
@@ -29,6 +30,7 @@ pub mod sim;
 pub mod tcp;
 mod types;
 mod wire;
+mod wr_code;
 
 pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, GroupConfig, MIN_SECRET_BYTES, SECRET_ENV,

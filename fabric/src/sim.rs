@@ -20,9 +20,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::checks::{check_message, check_peer, check_range, check_word, local_range};
+use crate::wr_code::WrCode;
 use crate::{
-    Completion, DEFAULT_HEARTBEAT_TIMEOUT, Fabric, FabricError, Incoming, LocalRegion,
-    MAX_MESSAGE_BYTES, NodeId, RegionId, RegionSpec, RemoteAddr, WrId,
+    Completion, DEFAULT_HEARTBEAT_TIMEOUT, Fabric, FabricError, Incoming, LocalRegion, NodeId,
+    RegionId, RegionSpec, RemoteAddr, WrId,
 };
 
 /// How a simulated group behaves.
@@ -643,23 +645,6 @@ impl SimRegion {
     }
 }
 
-pub(crate) fn local_range(
-    region: RegionId,
-    offset: u64,
-    len: usize,
-    region_len: usize,
-) -> Result<std::ops::Range<usize>, FabricError> {
-    match offset.checked_add(len as u64) {
-        Some(end) if end <= region_len as u64 => Ok(offset as usize..end as usize),
-        _ => Err(FabricError::OutOfBounds {
-            region,
-            offset,
-            len: len as u64,
-            region_len,
-        }),
-    }
-}
-
 impl LocalRegion for SimRegion {
     fn len(&self) -> usize {
         self.lock().len()
@@ -689,85 +674,6 @@ impl LocalRegion for SimRegion {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Shared by every backend in this crate: the contract's argument checks and the work-request
-// encoding. They live here because the simulator is the contract's reference model.
-
-/// The contract's check that `peer` is in a group of `nodes`.
-pub(crate) fn check_peer(peer: NodeId, nodes: usize) -> Result<(), FabricError> {
-    if usize::from(peer.0) >= nodes {
-        return Err(FabricError::UnknownPeer { peer, nodes });
-    }
-    Ok(())
-}
-
-/// The contract's check that `len` bytes at `dst` lie inside a registered region; returns the
-/// region's index in `regions`.
-pub(crate) fn check_range(
-    regions: &[RegionSpec],
-    dst: RemoteAddr,
-    len: u64,
-) -> Result<usize, FabricError> {
-    let (index, spec) = regions
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.id == dst.region)
-        .ok_or(FabricError::UnknownRegion { region: dst.region })?;
-    match dst.offset.checked_add(len) {
-        Some(end) if end <= spec.len as u64 => Ok(index),
-        _ => Err(FabricError::OutOfBounds {
-            region: dst.region,
-            offset: dst.offset,
-            len,
-            region_len: spec.len,
-        }),
-    }
-}
-
-/// The contract's check of a `fetch_add` target: an aligned word inside a region.
-pub(crate) fn check_word(regions: &[RegionSpec], dst: RemoteAddr) -> Result<usize, FabricError> {
-    if dst.offset % 8 != 0 {
-        return Err(FabricError::Misaligned { offset: dst.offset });
-    }
-    check_range(regions, dst, 8)
-}
-
-/// The contract's bound on a control message.
-pub(crate) fn check_message(len: usize) -> Result<(), FabricError> {
-    if len > MAX_MESSAGE_BYTES {
-        return Err(FabricError::MessageTooLarge {
-            len,
-            max: MAX_MESSAGE_BYTES,
-        });
-    }
-    Ok(())
-}
-
-/// How this crate's backends build a `WrId`: a per-endpoint counter (starting at 1) in the
-/// high 47 bits, whether it is a `fetch_add` in bit 16, the target's rank in the low 16 bits.
-/// The counter dominates, so ids increase; the peer is recoverable without a table, so a
-/// completed write needs no bookkeeping at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct WrCode {
-    pub counter: u64,
-    pub fetch: bool,
-    pub peer: NodeId,
-}
-
-impl WrCode {
-    pub fn encode(counter: u64, fetch: bool, peer: NodeId) -> WrId {
-        WrId(counter << 17 | u64::from(fetch) << 16 | u64::from(peer.0))
-    }
-
-    pub fn decode(wr: WrId) -> WrCode {
-        WrCode {
-            counter: wr.0 >> 17,
-            fetch: wr.0 >> 16 & 1 == 1,
-            peer: NodeId(wr.0 as u16),
-        }
-    }
-}
-
 /// A small seeded generator (SplitMix64): enough for timings, and replayable.
 #[derive(Debug, Clone)]
 struct SplitMix64(u64);
@@ -793,21 +699,6 @@ mod tests {
             SimOptions::seeded(seed),
         )
         .unwrap()
-    }
-
-    #[test]
-    fn wr_codes_round_trip_and_increase_with_the_counter() {
-        let a = WrCode::encode(5, true, NodeId(65535));
-        let b = WrCode::encode(6, false, NodeId(0));
-        assert!(a < b);
-        assert_eq!(
-            WrCode::decode(a),
-            WrCode {
-                counter: 5,
-                fetch: true,
-                peer: NodeId(65535)
-            }
-        );
     }
 
     #[test]

@@ -47,7 +47,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::sim::{WrCode, check_message, check_peer, check_range, check_word, local_range};
+use crate::checks::{check_message, check_peer, check_range, check_word, local_range};
+use crate::wr_code::WrCode;
 use crate::{
     Completion, Fabric, FabricError, GroupConfig, Incoming, LocalRegion, NodeId, RegionId,
     RegionSpec, RemoteAddr, WrId,

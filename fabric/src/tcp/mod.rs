@@ -70,8 +70,8 @@ use std::time::{Duration, Instant};
 use crate::bootstrap::{self, Mesh, Rendezvous};
 use crate::wire::{FLAG_MORE, FrameReader, Header, Kind, MAX_WRITE_PAYLOAD, NackReason, ReadError};
 use crate::{
-    Completion, Fabric, FabricError, GroupConfig, Incoming, LocalRegion, MAX_MESSAGE_BYTES, NodeId,
-    RegionId, RemoteAddr, WrId,
+    Completion, Fabric, FabricError, GroupConfig, Incoming, LocalRegion, NodeId, RegionId,
+    RemoteAddr, WrId,
 };
 
 use conn::{Conn, Stream};
@@ -1173,12 +1173,7 @@ impl Fabric for TcpFabric {
 
     fn post_send(&self, peer: NodeId, msg: &[u8]) -> Result<WrId, FabricError> {
         let link = self.link(peer)?;
-        if msg.len() > MAX_MESSAGE_BYTES {
-            return Err(FabricError::MessageTooLarge {
-                len: msg.len(),
-                max: MAX_MESSAGE_BYTES,
-            });
-        }
+        crate::checks::check_message(msg.len())?;
         let mut h = Header::new(Kind::Send);
         h.len = msg.len() as u32;
         self.post(link, &[(h, msg)], false)
