@@ -1,12 +1,13 @@
-//! How a node joins its group: rank, size, the regions every node registers, where the
-//! bootstrap happens, the shared secret that authenticates every join, and the knobs every
-//! backend honours (injected latency, heartbeat timeout).
+//! How a node joins its group: rank, size, the regions every node registers (and the memory
+//! this node registers for them), where the bootstrap happens, the shared secret that
+//! authenticates every join, and the heartbeat timeout.
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{FabricError, NodeId, RegionSpec};
+use crate::{FabricError, Memory, NodeId, RegionId, RegionSpec};
 
 /// Default bound after which a silent peer is declared dead.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,9 +97,10 @@ pub struct GroupConfig {
     /// Where rank 0 listens for joins: `host:port` for tcp, a Unix socket path for shm.
     pub bootstrap: String,
     pub secret: Secret,
-    /// Latency injected before each operation takes effect at its target (one way), to
-    /// emulate slower links on one host since `netem` is unavailable. Zero by default.
-    pub delay: Duration,
+    /// Memory this node registers for some of the regions (for example its guest RAM
+    /// replica); every other region gets fresh zeroed memory from the fabric. Local to this
+    /// node: not part of the layout the group agrees on.
+    pub memory: Vec<Arc<Memory>>,
     /// A peer silent for longer than this is declared dead.
     pub heartbeat_timeout: Duration,
     /// Bound on the whole bootstrap.
@@ -106,7 +108,7 @@ pub struct GroupConfig {
 }
 
 impl GroupConfig {
-    /// A configuration with the default timeouts and no injected delay.
+    /// A configuration with the default timeouts, every region in fresh memory.
     pub fn new(
         rank: NodeId,
         nodes: usize,
@@ -120,14 +122,41 @@ impl GroupConfig {
             regions,
             bootstrap: bootstrap.into(),
             secret,
-            delay: Duration::ZERO,
+            memory: Vec::new(),
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
-    /// Checks what every backend relies on: a rank inside the group, at most 2^16 nodes, and
-    /// unique region ids.
+    /// Registers `memory` for its region (replacing fresh memory from the fabric).
+    pub fn register(mut self, memory: Arc<Memory>) -> GroupConfig {
+        self.memory.retain(|m| m.id() != memory.id());
+        self.memory.push(memory);
+        self
+    }
+
+    /// The memory this node uses for every region, in the order of `regions`: what was
+    /// registered, else fresh zeroed memory.
+    pub fn region_memory(&self) -> Result<Vec<Arc<Memory>>, FabricError> {
+        self.regions
+            .iter()
+            .map(
+                |spec| match self.memory.iter().find(|m| m.id() == spec.id) {
+                    Some(m) => Ok(Arc::clone(m)),
+                    None => Memory::create(spec.id, spec.len).map(Arc::new),
+                },
+            )
+            .collect()
+    }
+
+    /// The layout entry of region `id`.
+    pub fn spec(&self, id: RegionId) -> Option<&RegionSpec> {
+        self.regions.iter().find(|r| r.id == id)
+    }
+
+    /// Checks what every backend relies on: a rank inside the group, at most 2^16 nodes,
+    /// unique region ids, and registered memory that exists in the layout and is large
+    /// enough.
     pub fn validate(&self) -> Result<(), FabricError> {
         if self.nodes == 0 || self.nodes > usize::from(u16::MAX) + 1 {
             return Err(FabricError::Config(format!(
@@ -145,6 +174,22 @@ impl GroupConfig {
         ids.sort();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(FabricError::Config(format!("{} is registered twice", w[0])));
+        }
+        for m in &self.memory {
+            let spec = self.spec(m.id()).ok_or_else(|| {
+                FabricError::Config(format!(
+                    "memory was registered for {}, which is not in the region layout",
+                    m.id()
+                ))
+            })?;
+            if m.len() < spec.len {
+                return Err(FabricError::Config(format!(
+                    "the memory registered for {} has {} bytes; the layout needs {}",
+                    m.id(),
+                    m.len(),
+                    spec.len
+                )));
+            }
         }
         Ok(())
     }
@@ -179,5 +224,25 @@ mod tests {
         assert!(cfg.validate().is_err());
         let cfg = GroupConfig::new(NodeId(0), 2, vec![r.clone(), r], "x", secret());
         assert!(cfg.validate().unwrap_err().to_string().contains("region 7"));
+    }
+
+    #[test]
+    fn registered_memory_must_be_in_the_layout_and_large_enough() {
+        let cfg = GroupConfig::new(
+            NodeId(0),
+            1,
+            vec![RegionSpec::open(RegionId(1), 8192)],
+            "x",
+            secret(),
+        );
+        let small = Arc::new(Memory::create(RegionId(1), 4096).unwrap());
+        assert!(cfg.clone().register(small).validate().is_err());
+        let stray = Arc::new(Memory::create(RegionId(2), 4096).unwrap());
+        assert!(cfg.clone().register(stray).validate().is_err());
+        let fits = Arc::new(Memory::create(RegionId(1), 8192).unwrap());
+        let cfg = cfg.register(Arc::clone(&fits));
+        cfg.validate().unwrap();
+        let mem = cfg.region_memory().unwrap();
+        assert!(Arc::ptr_eq(&mem[0], &fits));
     }
 }

@@ -8,8 +8,9 @@
 //! Failures that need a process per node (a killed peer, a refused join) have their own
 //! functions taking what only the backend's test can do (kill a process, attempt a join).
 //!
-//! Each check consumes every doorbell and message it causes and waits for its last operation
-//! to every peer, so checks can run one after another on one group ([`run_all`]).
+//! Each check consumes every doorbell and message it causes, waits for its last operation
+//! to every peer and takes every completion it asked for, so checks can run one after
+//! another on one group ([`run_all`]).
 #![forbid(unsafe_code)]
 
 use std::collections::HashSet;
@@ -17,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{
-    Fabric, FabricError, Grant, Incoming, MAX_MESSAGE_BYTES, NodeId, RegionId, RegionSpec,
-    RemoteAddr, WrId,
+    Completion, Fabric, FabricError, Grant, Incoming, IncomingBatch, IncomingRef, MAX_INLINE_BYTES,
+    MAX_MESSAGE_BYTES, Memory, NodeId, RECV_CREDITS, RegionId, RegionSpec, RemoteAddr, Resource,
+    Signal, Source, Status, WrId,
 };
 
 /// Largest group the layout of [`regions()`] serves.
@@ -40,6 +42,16 @@ pub const GUARDED: RegionId = RegionId(3);
 /// Bytes of [`GUARDED`] inside the grant.
 pub const GUARDED_GRANT_BYTES: u64 = 4096;
 
+/// Each node's private source memory: what its one-sided writes are made from.
+pub const SRC: RegionId = RegionId(4);
+
+/// A region the harness may back with memory it created itself (a memfd, as guest RAM is),
+/// for [`registered_memory_is_the_region`].
+pub const OWNED: RegionId = RegionId(5);
+
+/// Bytes of [`OWNED`].
+pub const OWNED_BYTES: usize = 64 * 1024;
+
 /// Bound on each single operation's wait in these checks (generous: the machine is shared).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -59,6 +71,8 @@ pub fn regions() -> Vec<RegionSpec> {
                 range: 0..GUARDED_GRANT_BYTES,
             }],
         },
+        RegionSpec::private(SRC, 2 * SLOT_BYTES),
+        RegionSpec::open(OWNED, OWNED_BYTES),
     ]
 }
 
@@ -84,12 +98,23 @@ pub const GROUP_CHECKS: &[(&str, Check)] = &[
         "access_outside_grants_is_denied",
         access_outside_grants_is_denied,
     ),
+    (
+        "completions_are_polled_once_in_order",
+        completions_are_polled_once_in_order,
+    ),
+    (
+        "receive_credits_are_back_pressure",
+        receive_credits_are_back_pressure,
+    ),
+    ("the_notifier_wakes_a_sleeper", the_notifier_wakes_a_sleeper),
 ];
 
 /// Runs every check of [`GROUP_CHECKS`] in order; the first failure, prefixed by its name.
 pub fn run_all(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     for (name, check) in GROUP_CHECKS {
+        let t = Instant::now();
         check(group).map_err(|e| format!("{name}: {e}"))?;
+        tracing::debug!("conformance check {name} took {:?}", t.elapsed());
     }
     Ok(())
 }
@@ -138,23 +163,75 @@ pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn wait(ep: &dyn Fabric, wr: WrId, what: &str) -> Result<crate::Completion, String> {
+fn wait(ep: &dyn Fabric, wr: WrId, what: &str) -> Result<Completion, String> {
     ep.wait(wr, OP_TIMEOUT)
         .map_err(|e| format!("{}: waiting for {what}: {e}", ep.rank()))
 }
 
 fn read(ep: &dyn Fabric, region: RegionId, offset: u64, len: usize) -> Result<Vec<u8>, String> {
     let mut buf = vec![0; len];
-    ep.region(region)
+    ep.memory(region)
         .and_then(|r| r.read(offset, &mut buf))
         .map_err(|e| format!("{}: reading its {region}: {e}", ep.rank()))?;
     Ok(buf)
 }
 
 fn local_write(ep: &dyn Fabric, region: RegionId, offset: u64, data: &[u8]) -> Result<(), String> {
-    ep.region(region)
+    ep.memory(region)
         .and_then(|r| r.write(offset, data))
         .map_err(|e| format!("{}: writing its own {region}: {e}", ep.rank()))
+}
+
+/// Retries `post` while it would block (a full window or no receive credit), letting the
+/// endpoint make progress meanwhile without taking completions; other errors end it.
+pub fn post_retrying(
+    ep: &dyn Fabric,
+    what: &str,
+    mut post: impl FnMut() -> Result<WrId, FabricError>,
+) -> Result<WrId, String> {
+    let deadline = Instant::now() + CHECK_DEADLINE;
+    loop {
+        match post() {
+            Ok(wr) => return Ok(wr),
+            Err(FabricError::WouldBlock { .. }) if Instant::now() < deadline => {
+                ep.poll_completions(&mut []);
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(format!("{}: {what}: {e}", ep.rank())),
+        }
+    }
+}
+
+/// Writes `data` into this node's source memory at `offset` and posts a write of it (from
+/// that memory: no staging) to `dst` at `t`.
+fn write_from_source(
+    ep: &dyn Fabric,
+    t: usize,
+    dst: RemoteAddr,
+    src_offset: u64,
+    data: &[u8],
+    imm: Option<u32>,
+    signal: Signal,
+) -> Result<WrId, String> {
+    local_write(ep, SRC, src_offset, data)?;
+    let src = Source::Region(crate::LocalSlice::new(SRC, src_offset, data.len() as u64));
+    post_retrying(ep, "post_write", || {
+        ep.post_write(rank(t), dst, src, imm, signal)
+    })
+}
+
+/// Posts `data` as an inline write (at most `MAX_INLINE_BYTES`).
+fn write_inline(
+    ep: &dyn Fabric,
+    t: usize,
+    dst: RemoteAddr,
+    data: &[u8],
+    imm: Option<u32>,
+    signal: Signal,
+) -> Result<WrId, String> {
+    post_retrying(ep, "post_write inline", || {
+        ep.post_write(rank(t), dst, Source::Inline(data), imm, signal)
+    })
 }
 
 /// Runs `f(i)` for every node on its own thread; the first error.
@@ -215,22 +292,53 @@ pub fn arguments_are_checked_before_posting(group: &[Arc<dyn Fabric>]) -> Result
     let ep = &*group[0];
     let n = group.len();
     let peer = rank(1);
+    let x = Source::Inline(b"x");
+    let big = vec![0u8; MAX_INLINE_BYTES + 1];
+    let from = |offset, len| Source::Region(crate::LocalSlice::new(SRC, offset, len));
     type Case<'a> = (&'a str, Result<WrId, FabricError>, fn(&FabricError) -> bool);
+    let always = Signal::Always;
     let cases: Vec<Case> = vec![
         (
             "a write to a rank outside the group",
-            ep.post_write(rank(n), at(DATA, 0), b"x"),
+            ep.post_write(rank(n), at(DATA, 0), x, None, always),
             |e| matches!(e, FabricError::UnknownPeer { .. }),
         ),
         (
             "a write to an unregistered region",
-            ep.post_write(peer, at(RegionId(999), 0), b"x"),
+            ep.post_write(peer, at(RegionId(999), 0), x, None, always),
             |e| matches!(e, FabricError::UnknownRegion { .. }),
         ),
         (
             "a write past the region's end",
-            ep.post_write(peer, at(WORDS, 4090), &[0; 8]),
+            ep.post_write(peer, at(WORDS, 4090), Source::Inline(&[0; 8]), None, always),
             |e| matches!(e, FabricError::OutOfBounds { .. }),
+        ),
+        (
+            "a write from past the source region's end",
+            ep.post_write(
+                peer,
+                at(DATA, 0),
+                from(2 * SLOT_BYTES as u64 - 4, 8),
+                None,
+                always,
+            ),
+            |e| matches!(e, FabricError::OutOfBounds { region: SRC, .. }),
+        ),
+        (
+            "a write from an unregistered source region",
+            ep.post_write(
+                peer,
+                at(DATA, 0),
+                Source::Region(crate::LocalSlice::new(RegionId(998), 0, 8)),
+                None,
+                always,
+            ),
+            |e| matches!(e, FabricError::UnknownRegion { .. }),
+        ),
+        (
+            "an oversized inline write",
+            ep.post_write(peer, at(DATA, 0), Source::Inline(&big), None, always),
+            |e| matches!(e, FabricError::InlineTooLarge { .. }),
         ),
         (
             "a misaligned fetch_add",
@@ -239,7 +347,7 @@ pub fn arguments_are_checked_before_posting(group: &[Arc<dyn Fabric>]) -> Result
         ),
         (
             "an oversized control message",
-            ep.post_send(peer, &vec![0; MAX_MESSAGE_BYTES + 1]),
+            ep.post_send(peer, &vec![0; MAX_MESSAGE_BYTES + 1], always),
             |e| matches!(e, FabricError::MessageTooLarge { .. }),
         ),
     ];
@@ -257,8 +365,9 @@ pub fn arguments_are_checked_before_posting(group: &[Arc<dyn Fabric>]) -> Result
 pub const ORDER_WRITES: usize = 200;
 
 /// Per-peer order: every source writes an increasing sequence number into one word and each
-/// value into its own word too, then rings a doorbell. A target watching the word never sees
-/// it go backwards, and at the doorbell sees the last value and every earlier word.
+/// value into its own word too (inline, unsignalled), then rings a doorbell. A target watching
+/// the word never sees it go backwards, and at the doorbell sees the last value and every
+/// earlier word.
 pub fn per_peer_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     check_group(group)?;
     let n = group.len();
@@ -272,30 +381,30 @@ pub fn per_peer_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
         if i < n {
             // Sender: to every target, loopback included.
             let ep = &*group[i];
+            let quiet = Signal::OnError;
             for t in 0..n {
-                let mut last = None;
                 for k in 1..=ORDER_WRITES as u64 {
-                    ep.post_write(rank(t), at(DATA, slot(i)), &k.to_le_bytes())
-                        .map_err(|e| format!("{}: post_write: {e}", ep.rank()))?;
-                    let seq = tagged(i, k);
-                    last = Some(
-                        ep.post_write(rank(t), at(DATA, slot(i) + 8 * k), &seq.to_le_bytes())
-                            .map_err(|e| format!("{}: post_write: {e}", ep.rank()))?,
-                    );
+                    write_inline(ep, t, at(DATA, slot(i)), &k.to_le_bytes(), None, quiet)?;
+                    let seq = tagged(i, k).to_le_bytes();
+                    write_inline(ep, t, at(DATA, slot(i) + 8 * k), &seq, None, quiet)?;
                 }
-                let bell = ep
-                    .post_write_imm(rank(t), at(DATA, slot(i)), &[], 7)
-                    .map_err(|e| format!("{}: post_write_imm: {e}", ep.rank()))?;
-                if let Some(wr) = last {
-                    wait(ep, wr, "the last ordered write")?;
-                }
+                let bell = post_retrying(ep, "a doorbell", || {
+                    ep.post_write(
+                        rank(t),
+                        at(DATA, slot(i)),
+                        Source::Empty,
+                        Some(7),
+                        Signal::Always,
+                    )
+                })?;
+                // The doorbell's completion implies every earlier write to `t` completed.
                 wait(ep, bell, "the doorbell")?;
             }
-            Ok(())
+            no_failures(ep)
         } else {
             // Receiver: watch every source's sequence word, then check at each doorbell.
             let ep = &*group[i - n];
-            let region = ep.region(DATA).map_err(|e| e.to_string())?;
+            let region = ep.memory(DATA).map_err(|e| e.to_string())?;
             let mut seen = vec![0u64; n];
             let mut rung = vec![false; n];
             let deadline = Instant::now() + CHECK_DEADLINE;
@@ -317,7 +426,7 @@ pub fn per_peer_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
                 }
                 match ep.recv(Duration::from_micros(200)) {
                     Ok(Some(Incoming::Doorbell { from, imm: 7 })) => {
-                        let s = usize::from(from.0);
+                        let s = from.index();
                         if s >= n || rung[s] {
                             return Err(format!("{}: unexpected doorbell from {from}", ep.rank()));
                         }
@@ -354,14 +463,30 @@ pub fn per_peer_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     })
 }
 
+/// Fails if any completion is waiting at `ep` (unsignalled operations that failed).
+fn no_failures(ep: &dyn Fabric) -> Result<(), String> {
+    let mut out = [Completion::EMPTY; 16];
+    let n = ep.poll_completions(&mut out);
+    match out[..n].iter().find(|c| !c.is_ok()) {
+        Some(c) => Err(format!("{}: an operation failed: {c:?}", ep.rank())),
+        None if n > 0 => Err(format!(
+            "{}: {n} completions nobody asked for: {:?}",
+            ep.rank(),
+            &out[..n]
+        )),
+        None => Ok(()),
+    }
+}
+
 fn tagged(src: usize, k: u64) -> u64 {
     (src as u64) << 48 | k
 }
 
 /// Sizes written in [`visibility_at_completion`].
-pub const VISIBILITY_SIZES: [usize; 5] = [1, 8, 100, 4096, 65536];
+pub const VISIBILITY_SIZES: [usize; 6] = [1, 8, 100, 256, 4096, 65536];
 
-/// Visibility at completion: as soon as `wait` returns, the target's own read shows the data.
+/// Visibility at completion: as soon as `wait` returns, the target's own read shows the data,
+/// for writes from registered memory and inline writes alike.
 pub fn visibility_at_completion(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     check_group(group)?;
     let n = group.len();
@@ -372,9 +497,12 @@ pub fn visibility_at_completion(group: &[Arc<dyn Fabric>]) -> Result<(), String>
                 for (k, &len) in VISIBILITY_SIZES.iter().enumerate() {
                     let data = pattern(round << 32 | (s * 64 + t * 8 + k) as u64, len);
                     let offset = slot(s) + (k * 65536) as u64;
-                    let wr = ep
-                        .post_write(rank(t), at(DATA, offset), &data)
-                        .map_err(|e| format!("{}: post_write: {e}", ep.rank()))?;
+                    let dst = at(DATA, offset);
+                    let wr = if len <= MAX_INLINE_BYTES && round % 2 == 1 {
+                        write_inline(ep, t, dst, &data, None, Signal::Always)?
+                    } else {
+                        write_from_source(ep, t, dst, 0, &data, None, Signal::Always)?
+                    };
                     wait(ep, wr, "a write")?;
                     if read(&**target, DATA, offset, len)? != data {
                         return Err(format!(
@@ -406,28 +534,34 @@ pub fn doorbell_after_data(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     on_every_node(2 * n, |i| {
         if i < n {
             let ep = &*group[i];
-            let mut last = Vec::new();
             for r in 0..DOORBELL_ROUNDS {
                 for t in 0..n {
+                    // Each (round, target) its own source bytes: they must stay unchanged
+                    // until the write completes.
+                    let src = (((r * n + t) % 8) * 2 * DOORBELL_BYTES) as u64;
                     let data = pattern(tag(i, t, r), 2 * DOORBELL_BYTES);
                     let (before, with_imm) = data.split_at(DOORBELL_BYTES);
-                    ep.post_write(rank(t), at(DATA, area(i, r)), before)
-                        .map_err(|e| format!("{}: post_write: {e}", ep.rank()))?;
-                    let wr = ep
-                        .post_write_imm(
-                            rank(t),
-                            at(DATA, area(i, r) + DOORBELL_BYTES as u64),
-                            with_imm,
-                            r as u32,
-                        )
-                        .map_err(|e| format!("{}: post_write_imm: {e}", ep.rank()))?;
-                    if r + 1 == DOORBELL_ROUNDS {
-                        last.push(wr);
-                    }
+                    let first = write_from_source(
+                        ep,
+                        t,
+                        at(DATA, area(i, r)),
+                        src,
+                        before,
+                        None,
+                        Signal::Always,
+                    )?;
+                    let second = write_from_source(
+                        ep,
+                        t,
+                        at(DATA, area(i, r) + DOORBELL_BYTES as u64),
+                        src + DOORBELL_BYTES as u64,
+                        with_imm,
+                        Some(r as u32),
+                        Signal::Always,
+                    )?;
+                    wait(ep, first, "a write")?;
+                    wait(ep, second, "a doorbell")?;
                 }
-            }
-            for wr in last {
-                wait(ep, wr, "the last doorbell")?;
             }
             Ok(())
         } else {
@@ -438,7 +572,7 @@ pub fn doorbell_after_data(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
                 let Incoming::Doorbell { from, imm } = item else {
                     return Err(format!("{}: unexpected {item:?}", ep.rank()));
                 };
-                let s = usize::from(from.0);
+                let s = from.index();
                 let r = imm as usize;
                 if s >= n || next[s] != r {
                     return Err(format!(
@@ -481,14 +615,20 @@ pub fn fetch_add_is_atomic_under_contention(group: &[Arc<dyn Fabric>]) -> Result
         // A few in flight at once, to contend inside the backend's pipeline too.
         for chunk in 0..FETCH_ADDS_PER_NODE / 3 {
             let wrs = (0..3)
-                .map(|_| ep.post_fetch_add(rank(owner), at(WORDS, word), 1))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("{}: post_fetch_add (chunk {chunk}): {e}", ep.rank()))?;
+                .map(|_| {
+                    post_retrying(ep, &format!("post_fetch_add (chunk {chunk})"), || {
+                        ep.post_fetch_add(rank(owner), at(WORDS, word), 1)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             for wr in wrs {
                 let c = wait(ep, wr, "a fetch_add")?;
-                let old = c.fetched.ok_or_else(|| {
-                    format!("{}: a fetch_add completed without a value", ep.rank())
-                })?;
+                let Status::Fetched(old) = c.status else {
+                    return Err(format!(
+                        "{}: a fetch_add completed without a value: {c:?}",
+                        ep.rank()
+                    ));
+                };
                 mine.push(old);
             }
         }
@@ -509,7 +649,7 @@ pub fn fetch_add_is_atomic_under_contention(group: &[Arc<dyn Fabric>]) -> Result
         return Err(format!("the old values are not exactly 0..{total}"));
     }
     let fin = group[owner]
-        .region(WORDS)
+        .memory(WORDS)
         .and_then(|r| r.load_u64(word))
         .map_err(|e| e.to_string())?;
     if fin != total {
@@ -518,7 +658,7 @@ pub fn fetch_add_is_atomic_under_contention(group: &[Arc<dyn Fabric>]) -> Result
     Ok(())
 }
 
-/// Large writes: a whole 1 MiB slot in one write arrives intact.
+/// Large writes: a whole 1 MiB slot in one write from registered memory arrives intact.
 pub fn large_writes(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     check_group(group)?;
     let n = group.len();
@@ -526,9 +666,7 @@ pub fn large_writes(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
         let ep = &*group[s];
         let t = (s + 1) % n;
         let data = pattern(0x1a7e + s as u64, SLOT_BYTES);
-        let wr = ep
-            .post_write(rank(t), at(DATA, slot(s)), &data)
-            .map_err(|e| format!("{}: post_write of 1 MiB: {e}", ep.rank()))?;
+        let wr = write_from_source(ep, t, at(DATA, slot(s)), 0, &data, None, Signal::Always)?;
         wait(ep, wr, "a 1 MiB write")?;
         if read(&*group[t], DATA, slot(s), SLOT_BYTES)? != data {
             return Err(format!(
@@ -544,7 +682,8 @@ pub fn large_writes(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
 /// Control messages each source sends each target in [`control_messages_in_order`].
 pub const MESSAGES_PER_PAIR: usize = 100;
 
-/// Control messages arrive intact and in order per source, up to [`MAX_MESSAGE_BYTES`].
+/// Control messages arrive intact and in order per source, up to [`MAX_MESSAGE_BYTES`],
+/// more of them than the receive credits (the receivers' polls return credit).
 pub fn control_messages_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     check_group(group)?;
     let n = group.len();
@@ -564,9 +703,13 @@ pub fn control_messages_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String
             let mut last = Vec::new();
             for k in 0..MESSAGES_PER_PAIR {
                 for t in 0..n {
-                    let wr = ep
-                        .post_send(rank(t), &message(i, t, k))
-                        .map_err(|e| format!("{}: post_send: {e}", ep.rank()))?;
+                    let m = message(i, t, k);
+                    let signal = if k + 1 == MESSAGES_PER_PAIR {
+                        Signal::Always
+                    } else {
+                        Signal::OnError
+                    };
+                    let wr = post_retrying(ep, "post_send", || ep.post_send(rank(t), &m, signal))?;
                     if k + 1 == MESSAGES_PER_PAIR {
                         last.push(wr);
                     }
@@ -575,7 +718,7 @@ pub fn control_messages_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String
             for wr in last {
                 wait(ep, wr, "the last message")?;
             }
-            Ok(())
+            no_failures(ep)
         } else {
             let t = i - n;
             let ep = &*group[t];
@@ -584,7 +727,7 @@ pub fn control_messages_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String
                 let Incoming::Message { from, data } = item else {
                     return Err(format!("{}: unexpected {item:?}", ep.rank()));
                 };
-                let s = usize::from(from.0);
+                let s = from.index();
                 let k = *next
                     .get(s)
                     .ok_or_else(|| format!("{}: a message from {from}", ep.rank()))?;
@@ -602,8 +745,8 @@ pub fn control_messages_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String
     })
 }
 
-/// Access outside the grants is refused with `AccessDenied` naming the target, has no
-/// effect, and the link keeps working.
+/// Access outside the grants is refused with `AccessDenied` naming the target (by the post
+/// or by its completion), has no effect, and the link keeps working.
 pub fn access_outside_grants_is_denied(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
     check_group(group)?;
     let n = group.len();
@@ -613,24 +756,44 @@ pub fn access_outside_grants_is_denied(group: &[Arc<dyn Fabric>]) -> Result<(), 
     on_every_node(n, |s| {
         let ep = &*group[s];
         let t = (s + 1) % n;
-        let outside = ep
-            .post_write(rank(t), at(GUARDED, GUARDED_GRANT_BYTES), &[0xee; 16])
-            .and_then(|wr| ep.wait(wr, OP_TIMEOUT));
-        expect_denied(outside, rank(t), "a write past the grant")?;
-        let straddling = ep
-            .post_write(rank(t), at(GUARDED, GUARDED_GRANT_BYTES - 8), &[0xee; 16])
-            .and_then(|wr| ep.wait(wr, OP_TIMEOUT));
-        expect_denied(straddling, rank(t), "a write straddling the grant's end")?;
+        let bytes = Source::Inline(&[0xee; 16]);
+        let try_write = |offset| {
+            ep.post_write(rank(t), at(GUARDED, offset), bytes, None, Signal::Always)
+                .and_then(|wr| ep.wait(wr, OP_TIMEOUT))
+        };
+        expect_denied(
+            try_write(GUARDED_GRANT_BYTES),
+            rank(t),
+            "a write past the grant",
+        )?;
+        expect_denied(
+            try_write(GUARDED_GRANT_BYTES - 8),
+            rank(t),
+            "a write straddling the grant's end",
+        )?;
         let fetch = ep
             .post_fetch_add(rank(t), at(GUARDED, GUARDED_GRANT_BYTES), 1)
             .and_then(|wr| ep.wait(wr, OP_TIMEOUT));
         expect_denied(fetch, rank(t), "a fetch_add past the grant")?;
+        // An unsignalled refusal is reported as a completion.
+        let quiet = ep.post_write(
+            rank(t),
+            at(GUARDED, GUARDED_GRANT_BYTES),
+            bytes,
+            None,
+            Signal::OnError,
+        );
+        match quiet {
+            Err(e) => expect_denied::<()>(Err(e), rank(t), "an unsignalled write past the grant")?,
+            Ok(wr) => {
+                let c = wait_any_completion(ep, wr)?;
+                expect_denied(c.result(), rank(t), "an unsignalled write past the grant")?;
+            }
+        }
         // The link still works, and the refused bytes never landed.
         let inside = pattern(0x90a + s as u64, 64);
         let offset = 64 * s as u64;
-        let wr = ep
-            .post_write(rank(t), at(GUARDED, offset), &inside)
-            .map_err(|e| format!("{}: post_write inside the grant: {e}", ep.rank()))?;
+        let wr = write_inline(ep, t, at(GUARDED, offset), &inside, None, Signal::Always)?;
         wait(ep, wr, "a write inside the grant")?;
         if read(&*group[t], GUARDED, offset, 64)? != inside {
             return Err("a write inside the grant after a refusal did not arrive".into());
@@ -648,6 +811,29 @@ pub fn access_outside_grants_is_denied(group: &[Arc<dyn Fabric>]) -> Result<(), 
     })
 }
 
+/// Polls completions until `wr`'s appears (it must be the only one waiting).
+fn wait_any_completion(ep: &dyn Fabric, wr: WrId) -> Result<Completion, String> {
+    let deadline = Instant::now() + OP_TIMEOUT;
+    let mut out = [Completion::EMPTY; 4];
+    loop {
+        let n = ep.poll_completions(&mut out);
+        if let Some(c) = out[..n].iter().find(|c| c.wr == wr) {
+            return Ok(*c);
+        }
+        if n > 0 {
+            return Err(format!(
+                "{}: unexpected completions {:?}",
+                ep.rank(),
+                &out[..n]
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{}: no completion for {wr:?}", ep.rank()));
+        }
+        std::thread::yield_now();
+    }
+}
+
 fn expect_denied<T: std::fmt::Debug>(
     result: Result<T, FabricError>,
     target: NodeId,
@@ -662,6 +848,259 @@ fn expect_denied<T: std::fmt::Debug>(
     }
 }
 
+/// Signalled operations each node posts to each peer in
+/// [`completions_are_polled_once_in_order`].
+pub const POLLED_OPS: usize = 40;
+
+/// `poll_completions` hands out each signalled operation's completion exactly once, in
+/// posting order per peer, and nothing for unsignalled successes.
+pub fn completions_are_polled_once_in_order(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
+    check_group(group)?;
+    let n = group.len();
+    on_every_node(n, |s| {
+        let ep = &*group[s];
+        let mut expected: Vec<Vec<WrId>> = vec![Vec::new(); n];
+        for k in 0..POLLED_OPS {
+            for (t, mine) in expected.iter_mut().enumerate() {
+                let word = (8 * (s * POLLED_OPS + k)) as u64 % 4096;
+                let dst = at(DATA, slot(s) + word);
+                if k % 2 == 0 {
+                    mine.push(write_inline(
+                        ep,
+                        t,
+                        dst,
+                        &[k as u8; 8],
+                        None,
+                        Signal::Always,
+                    )?);
+                } else {
+                    write_inline(ep, t, dst, &[k as u8; 8], None, Signal::OnError)?;
+                }
+            }
+        }
+        let want: usize = expected.iter().map(Vec::len).sum();
+        let mut got: Vec<Vec<WrId>> = vec![Vec::new(); n];
+        let mut out = [Completion::EMPTY; 7];
+        let deadline = Instant::now() + CHECK_DEADLINE;
+        let mut total = 0;
+        while total < want {
+            if Instant::now() > deadline {
+                return Err(format!("{}: {total} of {want} completions came", ep.rank()));
+            }
+            let k = ep.poll_completions(&mut out);
+            for c in &out[..k] {
+                if !c.is_ok() {
+                    return Err(format!("{}: a write failed: {c:?}", ep.rank()));
+                }
+                got[c.peer.index()].push(c.wr);
+            }
+            total += k;
+        }
+        if got != expected {
+            return Err(format!(
+                "{}: completions out of order or repeated: {got:?} for {expected:?}",
+                ep.rank()
+            ));
+        }
+        no_failures(ep)
+    })
+}
+
+/// Receive credits are back-pressure, never an overrun: a source may hold
+/// [`RECV_CREDITS`] doorbells unread at a target; the next post says `WouldBlock` naming the
+/// credits, and once the target polls them, posting goes on.
+pub fn receive_credits_are_back_pressure(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
+    check_group(group)?;
+    let (src, dst) = (&*group[0], &*group[1]);
+    // Credits come back in batches as the target polls, and all at once when it arms its
+    // notifier to sleep: let earlier checks' credits come home first.
+    let deadline = Instant::now() + CHECK_DEADLINE;
+    let mut batch = IncomingBatch::new(RECV_CREDITS);
+    loop {
+        if dst.poll_incoming(&mut batch) > 0 {
+            return Err(format!(
+                "{}: unexpected {:?}",
+                dst.rank(),
+                batch.iter().next()
+            ));
+        }
+        dst.arm_notifier();
+        src.poll_completions(&mut []);
+        let left = src.credits(rank(1)).map_err(|e| e.to_string())?;
+        if left == RECV_CREDITS {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} has {left} of {RECV_CREDITS} credits at an idle {}",
+                src.rank(),
+                dst.rank()
+            ));
+        }
+        std::thread::yield_now();
+    }
+    let bell = |imm| {
+        src.post_write(
+            rank(1),
+            at(DATA, 0),
+            Source::Empty,
+            Some(imm),
+            Signal::OnError,
+        )
+    };
+    for k in 0..RECV_CREDITS as u32 {
+        post_retrying(src, "a doorbell within the credits", || bell(k))?;
+    }
+    match bell(u32::MAX) {
+        Err(FabricError::WouldBlock {
+            peer,
+            resource: Resource::ReceiveCredits,
+        }) if peer == rank(1) => {}
+        other => {
+            return Err(format!(
+                "a doorbell past {RECV_CREDITS} credits gave {other:?}, not WouldBlock"
+            ));
+        }
+    }
+    let mut got = 0u32;
+    let deadline = Instant::now() + CHECK_DEADLINE;
+    while got < RECV_CREDITS as u32 {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{}: {got} of {RECV_CREDITS} doorbells came",
+                dst.rank()
+            ));
+        }
+        batch.clear();
+        dst.poll_incoming(&mut batch);
+        for item in batch.iter() {
+            match item {
+                IncomingRef::Doorbell { from, imm } if from == rank(0) && imm == got => got += 1,
+                other => return Err(format!("{}: unexpected {other:?}", dst.rank())),
+            }
+        }
+    }
+    post_retrying(src, "a doorbell after the credits came back", || bell(7))?;
+    receive(dst, 1, |item| match item {
+        Incoming::Doorbell { imm: 7, .. } => Ok(()),
+        other => Err(format!("{}: unexpected {other:?}", dst.rank())),
+    })?;
+    no_failures(src)
+}
+
+/// The notifier wakes a thread sleeping on it (`poll`, as an event loop would with epoll)
+/// when a doorbell arrives, after the arm-then-poll-again protocol.
+pub fn the_notifier_wakes_a_sleeper(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
+    check_group(group)?;
+    let (src, dst) = (&*group[0], &*group[1]);
+    std::thread::scope(|s| {
+        let sleeper = s.spawn(|| {
+            let mut batch = IncomingBatch::new(4);
+            let deadline = Instant::now() + CHECK_DEADLINE;
+            loop {
+                if Instant::now() > deadline {
+                    return Err(format!("{}: the notifier never woke it", dst.rank()));
+                }
+                dst.arm_notifier();
+                batch.clear();
+                if dst.poll_incoming(&mut batch) > 0 {
+                    break;
+                }
+                crate::sleep_on(dst.notifier(), Duration::from_millis(50));
+                if dst.poll_incoming(&mut batch) > 0 {
+                    break;
+                }
+            }
+            match batch.iter().next() {
+                Some(IncomingRef::Doorbell { imm: 0x51ee9, .. }) => Ok(()),
+                other => Err(format!("{}: woke for {other:?}", dst.rank())),
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        let wr = post_retrying(src, "a doorbell", || {
+            src.post_write(
+                rank(1),
+                at(DATA, 0),
+                Source::Empty,
+                Some(0x51ee9),
+                Signal::Always,
+            )
+        })?;
+        wait(src, wr, "the doorbell")?;
+        sleeper
+            .join()
+            .unwrap_or_else(|_| Err("the sleeper panicked".into()))
+    })
+}
+
+/// A second, independent mapping of `m`'s memory file (through `/proc/self/fd`: the same
+/// file, not a copy), for a harness to watch memory it registered from outside the fabric.
+pub fn second_mapping(m: &Memory) -> Result<Memory, FabricError> {
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&m.fd()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(FabricError::io(format!("opening {path}")))?;
+    Memory::from_file(m.id(), file)
+}
+
+/// Memory the harness registered for [`OWNED`] (a memfd it created and maps on its own,
+/// `caller[i]` for node `i`) is the region itself: a peer's one-sided write lands in the
+/// caller's memory, and what the caller stores there is what a peer's write from it carries.
+pub fn registered_memory_is_the_region(
+    group: &[Arc<dyn Fabric>],
+    caller: &[Memory],
+) -> Result<(), String> {
+    check_group(group)?;
+    let n = group.len();
+    if caller.len() != n {
+        return Err(format!("{} caller mappings for {n} nodes", caller.len()));
+    }
+    for (s, ep) in group.iter().enumerate() {
+        let t = (s + 1) % n;
+        // Into the target's own memfd...
+        let data = pattern(0x0e4d + s as u64, 4096);
+        let wr = write_from_source(
+            &**ep,
+            t,
+            at(OWNED, 4096 * s as u64),
+            0,
+            &data,
+            None,
+            Signal::Always,
+        )?;
+        wait(&**ep, wr, "a write into registered memory")?;
+        let mut seen = vec![0u8; 4096];
+        caller[t]
+            .read(4096 * s as u64, &mut seen)
+            .map_err(|e| e.to_string())?;
+        if seen != data {
+            return Err(format!(
+                "a write from {} did not land in the memory {} registered",
+                ep.rank(),
+                rank(t)
+            ));
+        }
+        // ...and out of the source's own memfd, stored by the caller, not through the fabric.
+        let mine = pattern(0x5e1f + s as u64, 512);
+        caller[s].write(32768, &mine).map_err(|e| e.to_string())?;
+        let src = Source::Region(crate::LocalSlice::new(OWNED, 32768, 512));
+        let dst = at(DATA, slot(s) + 8192);
+        let wr = post_retrying(&**ep, "a write from registered memory", || {
+            ep.post_write(rank(t), dst, src, None, Signal::Always)
+        })?;
+        wait(&**ep, wr, "a write from registered memory")?;
+        if read(&*group[t], DATA, slot(s) + 8192, 512)? != mine {
+            return Err(format!(
+                "a write from {}'s registered memory did not carry what the caller stored",
+                ep.rank()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A quick exchange proving every pair of the group still works: a write + doorbell from
 /// every node to every other, checked at the target.
 pub fn group_still_works(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
@@ -672,9 +1111,14 @@ pub fn group_still_works(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
             let ep = &*group[i];
             for t in 0..n {
                 let data = pattern(0x5a1e + (i * 16 + t) as u64, 256);
-                let wr = ep
-                    .post_write_imm(rank(t), at(DATA, slot(i)), &data, 0x5a1e)
-                    .map_err(|e| format!("{}: post_write_imm: {e}", ep.rank()))?;
+                let wr = write_inline(
+                    ep,
+                    t,
+                    at(DATA, slot(i)),
+                    &data,
+                    Some(0x5a1e),
+                    Signal::Always,
+                )?;
                 wait(ep, wr, "a doorbell")?;
             }
             Ok(())
@@ -683,7 +1127,7 @@ pub fn group_still_works(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
             let ep = &*group[t];
             receive(ep, n, |item| match item {
                 Incoming::Doorbell { from, imm: 0x5a1e } => {
-                    let s = usize::from(from.0);
+                    let s = from.index();
                     if read(ep, DATA, slot(s), 256)? != pattern(0x5a1e + (s * 16 + t) as u64, 256) {
                         return Err(format!("{}: data from {from} missing", ep.rank()));
                     }
@@ -739,7 +1183,13 @@ pub fn killed_peer_is_reported(
             }
         }
         let post = ep
-            .post_write(victim, at(DATA, slot(usize::from(ep.rank().0))), b"late")
+            .post_write(
+                victim,
+                at(DATA, slot(ep.rank().index())),
+                Source::Inline(b"late"),
+                None,
+                Signal::Always,
+            )
             .and_then(|wr| ep.wait(wr, OP_TIMEOUT));
         match post {
             Err(FabricError::PeerDead { peer, .. }) if peer == victim => Ok(()),

@@ -1,70 +1,233 @@
 //! The simulated backend: every node of a group in one process, modelling exactly the written
-//! contract (`docs/fabric.md`) and nothing more, with seeded delays that reorder operations
-//! across peers while keeping each (source, target) link FIFO.
+//! contract (`docs/fabric.md`) and nothing more, deterministically.
 //!
-//! Why: the DSM's protocol is tested on this backend, so any ordering it does not promise must
-//! actually happen here. Each operation takes effect at its target after `delay` plus a seeded
-//! jitter, never before an earlier operation on the same link; its completion reaches the
-//! source after another `delay` plus jitter, again in order per link. Grants are checked at the
-//! target (the harder path for callers: `AccessDenied` arrives at `wait`). `SimGroup::kill`
-//! silences a node; survivors learn of it after a seeded detection lag below the heartbeat
-//! timeout. The seed names a run: a failing test prints it and `SimOptions::seed` replays it
-//! (thread scheduling still varies, the injected timings do not).
+//! Why: the DSM's protocol is tested on this backend, so any ordering the contract does not
+//! promise must actually happen here, and a failing run must replay exactly from its seed.
+//! There is no wall clock and no thread deciding delivery order: time is a tick counter that
+//! advances only when an event is delivered; every operation becomes an event due `delay`
+//! plus a seeded jitter after posting, never before an earlier event on the same (source,
+//! target) link, and its completion another `delay` plus jitter later, in order per link. So
+//! operations to different peers, and from different sources to one target, interleave in an
+//! order the seed decides. Grants are checked at the target (the harder path for callers: the
+//! refusal arrives as a completion). Doorbells and messages consume receive credits; a target
+//! returns each credit, as a message of its own, when it polls the item. [`SimGroup::kill`]
+//! silences a node; survivors learn of it after a seeded lag below the heartbeat timeout.
 //!
-//! Threads: the callers of each endpoint, and one delivery thread per group (`fabric-sim`)
-//! that applies due events. One lock (`Net::state`) guards all scheduling state; region bytes
-//! have their own lock each, always taken after `state` when both are held.
+//! Who delivers: in the default *auto* mode, every poll on an endpoint (and so every blocking
+//! `wait`/`recv`) first delivers everything pending, in due order, so ordinary multi-threaded
+//! code runs on the simulator unchanged. In *manual* mode ([`SimOptions::manual`]) nothing is
+//! delivered until the test calls [`SimGroup::step`], which delivers exactly one event: a
+//! single-threaded harness then decides, from its own seeded schedule, when each node acts and
+//! when the network moves, and two runs from one seed produce the same [`SimGroup::log`].
+//!
+//! Threads: any number of callers. One lock (`Net::state`) guards all scheduling state and the
+//! regions' bytes are written under it; each endpoint's completion queue has its own lock,
+//! always taken after `state` when both are held.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::checks::{check_message, check_peer, check_range, check_word, local_range};
+use crate::checks::{check_message, check_peer, check_word, check_write};
+use crate::cq::Cq;
+use crate::inbound::Inbound;
+use crate::notifier::Notifier;
 use crate::wr_code::WrCode;
 use crate::{
-    Completion, DEFAULT_HEARTBEAT_TIMEOUT, Fabric, FabricError, Incoming, LocalRegion, NodeId,
-    RegionId, RegionSpec, RemoteAddr, WrId,
+    Completion, DeathCause, Fabric, FabricError, IncomingBatch, Memory, NodeId, RECV_CREDITS,
+    RegionSpec, RemoteAddr, Resource, Signal, Source, Status, WrId,
 };
 
-/// How a simulated group behaves.
+/// How a simulated group behaves. Times are in ticks (think of a tick as a nanosecond).
 #[derive(Debug, Clone)]
 pub struct SimOptions {
-    /// Names the run's timings; printed by failing tests and replayed from.
+    /// Names the run: the jitter draws and so the order of events; printed by failing tests
+    /// and replayed from.
     pub seed: u64,
-    /// One-way latency added to every operation (the contract's injected delay).
-    pub delay: Duration,
+    /// One-way latency added to every operation and acknowledgement.
+    pub delay: u64,
     /// Each operation's and each acknowledgement's extra latency is drawn in `0..=jitter`.
-    pub jitter: Duration,
-    /// Survivors learn of a killed node within this bound.
-    pub heartbeat_timeout: Duration,
+    pub jitter: u64,
+    /// Survivors learn of a killed node within this many ticks.
+    pub heartbeat_timeout: u64,
+    /// Polls deliver pending events themselves (auto) or only [`SimGroup::step`] does.
+    pub auto_step: bool,
 }
 
 impl SimOptions {
-    /// Default timings for `seed`: no injected delay, up to 200 us of jitter.
+    /// Auto-stepping timings for `seed`: no delay, up to 1000 ticks of jitter.
     pub fn seeded(seed: u64) -> SimOptions {
         SimOptions {
             seed,
-            delay: Duration::ZERO,
-            jitter: Duration::from_micros(200),
-            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            delay: 0,
+            jitter: 1000,
+            heartbeat_timeout: 1_000_000,
+            auto_step: true,
+        }
+    }
+
+    /// As [`SimOptions::seeded`], but only [`SimGroup::step`] delivers.
+    pub fn manual(seed: u64) -> SimOptions {
+        SimOptions {
+            auto_step: false,
+            ..SimOptions::seeded(seed)
         }
     }
 }
 
-/// A simulated group: owns the delivery thread; hands out one endpoint per rank.
+/// One delivered event, as [`SimGroup::log`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The tick it was delivered at.
+    pub tick: u64,
+    pub kind: LogKind,
+    /// The operation's source (for a death: the victim).
+    pub src: NodeId,
+    /// Where it took effect (for a completion or credit: where it arrived).
+    pub dst: NodeId,
+    /// The operation's counter at its source (0 for credits and deaths).
+    pub counter: u64,
+}
+
+/// What a [`LogEntry`] delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogKind {
+    Write,
+    FetchAdd,
+    Send,
+    Complete,
+    Credit,
+    Death,
+}
+
+/// A simulated group: hands out one endpoint per rank and lets tests move the network.
 #[derive(Debug)]
 pub struct SimGroup {
-    shared: Arc<Shared>,
+    net: Arc<Net>,
     endpoints: Vec<Arc<SimFabric>>,
 }
 
+/// One rank's endpoint in a simulated group.
+#[derive(Debug)]
+pub struct SimFabric {
+    net: Arc<Net>,
+    rank: NodeId,
+    memory: Vec<Arc<Memory>>,
+    cq: Arc<Cq>,
+    notifier: Arc<Notifier>,
+}
+
+#[derive(Debug)]
+struct Net {
+    nodes: usize,
+    regions: Vec<RegionSpec>,
+    options: SimOptions,
+    state: Mutex<State>,
+    /// `memory[node][region index]`.
+    memory: Vec<Vec<Arc<Memory>>>,
+    cqs: Vec<Arc<Cq>>,
+    notifiers: Vec<Arc<Notifier>>,
+}
+
+#[derive(Debug)]
+struct State {
+    rng: SplitMix64,
+    now: u64,
+    next_event: u64,
+    /// Scheduled events by (due tick, scheduling order): equal due ticks keep posting order.
+    events: BTreeMap<(u64, u64), Event>,
+    /// Last effect due tick per link `src * nodes + dst`, so a link stays FIFO.
+    link_due: Vec<u64>,
+    /// Last completion/credit due tick per link, so they stay in order too.
+    back_due: Vec<u64>,
+    node: Vec<NodeState>,
+    log: Vec<LogEntry>,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    next_counter: u64,
+    killed: bool,
+    /// Per peer: this node learnt the peer is dead.
+    dead: Vec<bool>,
+    incoming: Inbound,
+    /// Per peer as target: doorbells and messages we sent it, and the credits it returned.
+    sent: Vec<u64>,
+    returned: Vec<u64>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Apply {
+        src: NodeId,
+        dst: NodeId,
+        counter: u64,
+        op: Op,
+    },
+    Complete {
+        src: NodeId,
+        dst: NodeId,
+        counter: u64,
+        status: Status,
+    },
+    /// `target` returns one receive credit to `source`.
+    Credit {
+        source: NodeId,
+        target: NodeId,
+    },
+    Detect {
+        victim: NodeId,
+    },
+}
+
+#[derive(Debug)]
+enum Op {
+    Write {
+        dst: RemoteAddr,
+        dst_index: usize,
+        data: Data,
+        imm: Option<u32>,
+    },
+    FetchAdd {
+        dst: RemoteAddr,
+        dst_index: usize,
+        add: u64,
+    },
+    Send {
+        data: Vec<u8>,
+    },
+}
+
+/// A write's bytes: read from the source's region when the write is carried out (as a NIC's
+/// DMA would, so a source changed before completion shows), or copied at posting.
+#[derive(Debug)]
+enum Data {
+    Region { index: usize, offset: u64, len: u64 },
+    Inline(Vec<u8>),
+}
+
+/// Bound on events delivered by one auto-step, against a runaway (no event schedules an
+/// unbounded chain: an operation makes one completion, a poll one credit).
+const AUTO_STEP_BOUND: usize = 1 << 24;
+
 impl SimGroup {
-    /// Builds a group of `nodes` endpoints that all register `regions`.
+    /// Builds a group of `nodes` endpoints that all register `regions` in fresh memory.
     pub fn new(
         nodes: usize,
         regions: Vec<RegionSpec>,
         options: SimOptions,
+    ) -> Result<SimGroup, FabricError> {
+        SimGroup::with_memory(nodes, regions, options, |_, _| None)
+    }
+
+    /// As [`SimGroup::new`], with `memory(rank, spec)` supplying the memory a node registers
+    /// for a region (`None`: fresh memory).
+    pub fn with_memory(
+        nodes: usize,
+        regions: Vec<RegionSpec>,
+        options: SimOptions,
+        mut memory: impl FnMut(NodeId, &RegionSpec) -> Option<Arc<Memory>>,
     ) -> Result<SimGroup, FabricError> {
         if nodes == 0 || nodes > usize::from(u16::MAX) + 1 {
             return Err(FabricError::Config(format!(
@@ -76,52 +239,64 @@ impl SimGroup {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(FabricError::Config(format!("{} is registered twice", w[0])));
         }
-        let memory = (0..nodes)
-            .map(|_| {
-                regions
-                    .iter()
-                    .map(|r| SimRegion {
-                        id: r.id,
-                        bytes: Mutex::new(vec![0; r.len]),
-                    })
-                    .collect()
-            })
+        let mut mem = Vec::with_capacity(nodes);
+        for r in 0..nodes {
+            let mut own = Vec::with_capacity(regions.len());
+            for spec in &regions {
+                let m = match memory(node_id(r), spec) {
+                    Some(m) if m.id() == spec.id && m.len() >= spec.len => m,
+                    Some(m) => {
+                        return Err(FabricError::Config(format!(
+                            "memory for {} ({} bytes) does not fit {} of {} bytes",
+                            m.id(),
+                            m.len(),
+                            spec.id,
+                            spec.len
+                        )));
+                    }
+                    None => Arc::new(Memory::create(spec.id, spec.len)?),
+                };
+                own.push(m);
+            }
+            mem.push(own);
+        }
+        let notifiers: Vec<Arc<Notifier>> = (0..nodes)
+            .map(|_| Notifier::new().map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let cqs: Vec<Arc<Cq>> = notifiers
+            .iter()
+            .map(|n| Arc::new(Cq::new(nodes, Arc::clone(n))))
             .collect();
         let net = Arc::new(Net {
             nodes,
             regions,
-            options: options.clone(),
             state: Mutex::new(State {
                 rng: SplitMix64(options.seed),
+                now: 0,
                 next_event: 0,
                 events: BTreeMap::new(),
-                link_due: vec![None; nodes * nodes],
-                ack_due: vec![None; nodes * nodes],
+                link_due: vec![0; nodes * nodes],
+                back_due: vec![0; nodes * nodes],
                 node: (0..nodes).map(|_| NodeState::new(nodes)).collect(),
-                shutdown: false,
+                log: Vec::new(),
             }),
-            changed: Condvar::new(),
-            work: Condvar::new(),
-            memory,
+            options,
+            memory: mem,
+            cqs,
+            notifiers,
         });
-        let delivery = Arc::clone(&net);
-        std::thread::Builder::new()
-            .name("fabric-sim".into())
-            .spawn(move || delivery.deliver())
-            .map_err(|source| FabricError::Io {
-                op: "spawning the simulator's delivery thread".into(),
-                source,
-            })?;
-        let shared = Arc::new(Shared { net });
         let endpoints = (0..nodes)
             .map(|r| {
                 Arc::new(SimFabric {
-                    shared: Arc::clone(&shared),
+                    net: Arc::clone(&net),
                     rank: node_id(r),
+                    memory: net.memory[r].clone(),
+                    cq: Arc::clone(&net.cqs[r]),
+                    notifier: Arc::clone(&net.notifiers[r]),
                 })
             })
             .collect();
-        Ok(SimGroup { shared, endpoints })
+        Ok(SimGroup { net, endpoints })
     }
 
     /// Every endpoint, in rank order.
@@ -132,127 +307,67 @@ impl SimGroup {
             .collect()
     }
 
-    /// The seed this group's timings come from.
-    pub fn seed(&self) -> u64 {
-        self.shared.net.options.seed
+    /// The endpoint of `rank`.
+    pub fn endpoint(&self, rank: NodeId) -> &Arc<SimFabric> {
+        &self.endpoints[rank.index()]
     }
 
-    /// Kills `rank` as if its process died: its calls fail from now on, its in-flight
-    /// operations are lost, and survivors learn of its death after a seeded lag no longer
+    /// The seed this group's schedule comes from.
+    pub fn seed(&self) -> u64 {
+        self.net.options.seed
+    }
+
+    /// Kills `rank` as if its process died: its calls fail from now on, its operations not
+    /// yet delivered are lost, and survivors learn of its death after a seeded lag no longer
     /// than the heartbeat timeout.
     pub fn kill(&self, rank: NodeId) {
-        self.shared.net.kill(rank);
+        self.net.kill(rank);
     }
-}
 
-/// Ends the delivery thread when the group and all its endpoints are gone.
-#[derive(Debug)]
-struct Shared {
-    net: Arc<Net>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.net.lock().shutdown = true;
-        self.net.work.notify_all();
+    /// Delivers the next event (advancing the tick to its due time); `false` when none is
+    /// pending.
+    pub fn step(&self) -> bool {
+        let mut st = self.net.lock();
+        self.net.step(&mut st)
     }
-}
 
-/// One rank's endpoint in a simulated group.
-#[derive(Debug)]
-pub struct SimFabric {
-    shared: Arc<Shared>,
-    rank: NodeId,
-}
+    /// Delivers events until none is pending or `max` were delivered; how many.
+    pub fn run_until_idle(&self, max: usize) -> usize {
+        let mut st = self.net.lock();
+        let mut n = 0;
+        while n < max && self.net.step(&mut st) {
+            n += 1;
+        }
+        n
+    }
 
-#[derive(Debug)]
-struct Net {
-    nodes: usize,
-    regions: Vec<RegionSpec>,
-    options: SimOptions,
-    state: Mutex<State>,
-    /// Signalled when a completion, incoming item or death is recorded.
-    changed: Condvar,
-    /// Signalled when an event is scheduled (wakes the delivery thread).
-    work: Condvar,
-    /// `memory[node][region index]`.
-    memory: Vec<Vec<SimRegion>>,
-}
+    /// Events scheduled and not yet delivered.
+    pub fn pending(&self) -> usize {
+        self.net.lock().events.len()
+    }
 
-#[derive(Debug)]
-struct State {
-    rng: SplitMix64,
-    next_event: u64,
-    /// Scheduled events by (due time, scheduling order): equal due times keep posting order.
-    events: BTreeMap<(Instant, u64), Event>,
-    /// Last effect due time per link `src * nodes + dst`, so a link stays FIFO.
-    link_due: Vec<Option<Instant>>,
-    /// Last completion due time per link, so completions stay in order too.
-    ack_due: Vec<Option<Instant>>,
-    node: Vec<NodeState>,
-    shutdown: bool,
-}
+    /// The current tick.
+    pub fn now(&self) -> u64 {
+        self.net.lock().now
+    }
 
-#[derive(Debug)]
-struct NodeState {
-    /// The next work request counter (starts at 1, see `WrCode`).
-    next_counter: u64,
-    /// Per peer: the highest counter whose completion reached this node.
-    done: Vec<u64>,
-    /// Results of completed operations that carry one: fetch_add values and failures.
-    results: HashMap<WrId, Result<u64, FabricError>>,
-    incoming: VecDeque<Result<Incoming, NodeId>>,
-    killed: bool,
-    /// Per peer: whether this node has learnt the peer is dead.
-    dead: Vec<bool>,
+    /// Every event delivered so far, in delivery order.
+    pub fn log(&self) -> Vec<LogEntry> {
+        self.net.lock().log.clone()
+    }
 }
 
 impl NodeState {
     fn new(nodes: usize) -> NodeState {
         NodeState {
             next_counter: 1,
-            done: vec![0; nodes],
-            results: HashMap::new(),
-            incoming: VecDeque::new(),
             killed: false,
             dead: vec![false; nodes],
+            incoming: Inbound::new(nodes),
+            sent: vec![0; nodes],
+            returned: vec![0; nodes],
         }
     }
-}
-
-#[derive(Debug)]
-enum Event {
-    Apply {
-        src: NodeId,
-        dst: NodeId,
-        wr: WrId,
-        op: Op,
-    },
-    Complete {
-        src: NodeId,
-        dst: NodeId,
-        wr: WrId,
-        result: Option<Result<u64, FabricError>>,
-    },
-    Detect {
-        victim: NodeId,
-    },
-}
-
-#[derive(Debug)]
-enum Op {
-    Write {
-        dst: RemoteAddr,
-        data: Vec<u8>,
-        imm: Option<u32>,
-    },
-    FetchAdd {
-        dst: RemoteAddr,
-        add: u64,
-    },
-    Send {
-        data: Vec<u8>,
-    },
 }
 
 impl Net {
@@ -260,221 +375,300 @@ impl Net {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spec(&self, region: RegionId) -> Result<(usize, &RegionSpec), FabricError> {
-        self.regions
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.id == region)
-            .ok_or(FabricError::UnknownRegion { region })
-    }
-
-    fn draw_jitter(&self, st: &mut State) -> Duration {
-        let max = self.options.jitter.as_nanos() as u64;
-        if max == 0 {
-            return Duration::ZERO;
+    fn draw(&self, st: &mut State) -> u64 {
+        let j = self.options.jitter;
+        if j == 0 {
+            0
+        } else {
+            st.rng.next_u64() % (j + 1)
         }
-        Duration::from_nanos(st.rng.next() % (max + 1))
     }
 
-    fn schedule(&self, st: &mut State, due: Instant, event: Event) {
+    fn schedule(&self, st: &mut State, due: u64, event: Event) {
         let key = (due, st.next_event);
         st.next_event += 1;
         st.events.insert(key, event);
-        self.work.notify_one();
+        if self.options.auto_step {
+            // Whoever sleeps on a notifier must come back and deliver.
+            for n in &self.notifiers {
+                n.notify();
+            }
+        }
     }
 
-    fn post(&self, src: NodeId, dst: NodeId, op: Op, fetch: bool) -> Result<WrId, FabricError> {
+    /// The due tick of the next event on link `link` of `table`, kept FIFO.
+    fn due_on(&self, st: &mut State, back: bool, link: usize) -> u64 {
+        let jitter = self.draw(st);
+        let mut due = st.now + self.options.delay + jitter;
+        let last = if back {
+            &mut st.back_due[link]
+        } else {
+            &mut st.link_due[link]
+        };
+        due = due.max(*last);
+        *last = due;
+        due
+    }
+
+    fn link(&self, src: NodeId, dst: NodeId) -> usize {
+        src.index() * self.nodes + dst.index()
+    }
+
+    fn post(
+        &self,
+        src: NodeId,
+        dst: NodeId,
+        op: Op,
+        signal: Signal,
+        cq: &Cq,
+    ) -> Result<WrId, FabricError> {
         let mut st = self.lock();
-        let me = usize::from(src.0);
+        let me = src.index();
         if st.node[me].killed {
-            return Err(killed(src));
+            return Err(FabricError::Closed);
         }
-        if st.node[me].dead[usize::from(dst.0)] {
-            return Err(dead(dst));
+        if st.node[me].dead[dst.index()] {
+            return Err(FabricError::PeerDead {
+                peer: dst,
+                cause: DeathCause::Killed,
+            });
+        }
+        let consumes_credit = matches!(op, Op::Write { imm: Some(_), .. } | Op::Send { .. });
+        if consumes_credit {
+            let node = &st.node[me];
+            if node.sent[dst.index()] - node.returned[dst.index()] >= RECV_CREDITS as u64 {
+                return Err(FabricError::WouldBlock {
+                    peer: dst,
+                    resource: Resource::ReceiveCredits,
+                });
+            }
         }
         let counter = st.node[me].next_counter;
+        cq.begin(dst, counter, signal)?;
         st.node[me].next_counter += 1;
-        let wr = WrCode::encode(counter, fetch, dst);
-        let link = me * self.nodes + usize::from(dst.0);
-        let jitter = self.draw_jitter(&mut st);
-        let mut due = Instant::now() + self.options.delay + jitter;
-        if let Some(last) = st.link_due[link] {
-            due = due.max(last);
+        if consumes_credit {
+            st.node[me].sent[dst.index()] += 1;
         }
-        st.link_due[link] = Some(due);
-        self.schedule(&mut st, due, Event::Apply { src, dst, wr, op });
-        Ok(wr)
+        let link = self.link(src, dst);
+        let due = self.due_on(&mut st, false, link);
+        self.schedule(
+            &mut st,
+            due,
+            Event::Apply {
+                src,
+                dst,
+                counter,
+                op,
+            },
+        );
+        Ok(WrCode::encode(counter, dst))
     }
 
     fn kill(&self, victim: NodeId) {
         let mut st = self.lock();
-        let v = usize::from(victim.0);
+        let v = victim.index();
         if v >= self.nodes || st.node[v].killed {
             return;
         }
         st.node[v].killed = true;
-        // Operations the victim posted and that have not reached their targets die with it.
+        // Operations the victim posted that have not reached their targets die with it.
         st.events
             .retain(|_, e| !matches!(e, Event::Apply { src, .. } if *src == victim));
-        let hb = self.options.heartbeat_timeout.as_nanos() as u64;
-        let lag = Duration::from_nanos(hb / 4 + st.rng.next() % (hb / 2 + 1));
-        self.schedule(&mut st, Instant::now() + lag, Event::Detect { victim });
-        self.changed.notify_all();
+        let hb = self.options.heartbeat_timeout;
+        let lag = hb / 4 + st.rng.next_u64() % (hb / 2 + 1);
+        let due = st.now + lag;
+        self.schedule(&mut st, due, Event::Detect { victim });
     }
 
-    /// The delivery thread: applies every event when it falls due.
-    fn deliver(&self) {
-        let mut st = self.lock();
-        loop {
-            if st.shutdown {
-                return;
-            }
-            let Some((&(due, _), _)) = st.events.first_key_value() else {
-                st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
-            let now = Instant::now();
-            if due > now {
-                st = self
-                    .work
-                    .wait_timeout(st, due - now)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                continue;
-            }
-            let Some((_, event)) = st.events.pop_first() else {
-                continue;
-            };
-            self.handle(&mut st, event);
-            self.changed.notify_all();
-        }
+    /// Delivers the earliest event.
+    fn step(&self, st: &mut State) -> bool {
+        let Some(((due, _), event)) = st.events.pop_first() else {
+            return false;
+        };
+        st.now = st.now.max(due);
+        self.handle(st, event);
+        true
+    }
+
+    fn record(st: &mut State, kind: LogKind, src: NodeId, dst: NodeId, counter: u64) {
+        let tick = st.now;
+        st.log.push(LogEntry {
+            tick,
+            kind,
+            src,
+            dst,
+            counter,
+        });
     }
 
     fn handle(&self, st: &mut State, event: Event) {
         match event {
-            Event::Apply { src, dst, wr, op } => {
-                if st.node[usize::from(dst.0)].killed {
+            Event::Apply {
+                src,
+                dst,
+                counter,
+                op,
+            } => {
+                let kind = match op {
+                    Op::Write { .. } => LogKind::Write,
+                    Op::FetchAdd { .. } => LogKind::FetchAdd,
+                    Op::Send { .. } => LogKind::Send,
+                };
+                Net::record(st, kind, src, dst, counter);
+                if st.node[dst.index()].killed {
                     // Lost with the target; the source learns at detection.
                     return;
                 }
-                let result = self.apply(st, src, dst, op);
-                let link = usize::from(src.0) * self.nodes + usize::from(dst.0);
-                let jitter = self.draw_jitter(st);
-                let mut due = Instant::now() + self.options.delay + jitter;
-                if let Some(last) = st.ack_due[link] {
-                    due = due.max(last);
-                }
-                st.ack_due[link] = Some(due);
+                let status = self.apply(st, src, dst, op);
+                let link = self.link(src, dst);
+                let due = self.due_on(st, true, link);
                 self.schedule(
                     st,
                     due,
                     Event::Complete {
                         src,
                         dst,
-                        wr,
-                        result,
+                        counter,
+                        status,
                     },
                 );
             }
             Event::Complete {
                 src,
                 dst,
-                wr,
-                result,
+                counter,
+                status,
             } => {
-                let node = &mut st.node[usize::from(src.0)];
-                if node.killed {
+                Net::record(st, LogKind::Complete, dst, src, counter);
+                if st.node[src.index()].killed || st.node[src.index()].dead[dst.index()] {
                     return;
                 }
-                node.done[usize::from(dst.0)] = WrCode::decode(wr).counter;
-                if let Some(r) = result {
-                    node.results.insert(wr, r);
-                }
+                let done = self.cqs[src.index()].complete_next(dst, status);
+                assert_eq!(
+                    done,
+                    Some(counter),
+                    "the simulator completes each link in posting order"
+                );
+            }
+            Event::Credit { source, target } => {
+                Net::record(st, LogKind::Credit, target, source, 0);
+                st.node[source.index()].returned[target.index()] += 1;
             }
             Event::Detect { victim } => {
-                for (r, node) in st.node.iter_mut().enumerate() {
-                    if r != usize::from(victim.0) && !node.killed {
-                        node.dead[usize::from(victim.0)] = true;
-                        node.incoming.push_back(Err(victim));
+                Net::record(st, LogKind::Death, victim, victim, 0);
+                for r in 0..self.nodes {
+                    let node = &mut st.node[r];
+                    if r == victim.index() || node.killed || node.dead[victim.index()] {
+                        continue;
                     }
+                    node.dead[victim.index()] = true;
+                    node.incoming.push_dead(victim, DeathCause::Killed);
+                    self.cqs[r].fail_peer(victim, DeathCause::Killed);
+                    self.notifiers[r].notify();
                 }
             }
         }
     }
 
-    /// Applies `op` at `dst`, checking grants there; the result the source's completion
-    /// carries, if any (a fetched value or a refusal).
-    fn apply(
-        &self,
-        st: &mut State,
-        src: NodeId,
-        dst: NodeId,
-        op: Op,
-    ) -> Option<Result<u64, FabricError>> {
-        let memory = &self.memory[usize::from(dst.0)];
+    /// Carries out `op` at `dst`, checking grants there.
+    fn apply(&self, st: &mut State, src: NodeId, dst: NodeId, op: Op) -> Status {
+        let memory = &self.memory[dst.index()];
         match op {
-            Op::Write { dst: at, data, imm } => {
-                if !data.is_empty() {
-                    let (index, spec) = self.spec(at.region).ok()?;
-                    if !spec.permits(src, at.offset, data.len() as u64) {
-                        return Some(Err(self.refuse(src, dst, at, data.len() as u64)));
+            Op::Write {
+                dst: at,
+                dst_index,
+                data,
+                imm,
+            } => {
+                let len = match &data {
+                    Data::Region { len, .. } => *len,
+                    Data::Inline(b) => b.len() as u64,
+                };
+                let bare = imm.is_some() && len == 0;
+                if !bare && !self.regions[dst_index].permits(src, at.offset, len) {
+                    return refuse(src, dst, at, len);
+                }
+                match data {
+                    Data::Region { index, offset, len } => {
+                        let from = &self.memory[src.index()][index];
+                        from.mapping().copy_to(
+                            offset as usize,
+                            memory[dst_index].mapping(),
+                            at.offset as usize,
+                            len as usize,
+                        );
                     }
-                    memory[index].copy_in(at.offset, &data);
+                    Data::Inline(bytes) => memory[dst_index]
+                        .write(at.offset, &bytes)
+                        .expect("the range was checked at posting"),
                 }
                 if let Some(imm) = imm {
-                    st.node[usize::from(dst.0)]
+                    st.node[dst.index()]
                         .incoming
-                        .push_back(Ok(Incoming::Doorbell { from: src, imm }));
+                        .push_doorbell(src, imm)
+                        .expect("the simulator holds sources to their credits");
+                    self.notifiers[dst.index()].notify();
                 }
-                None
+                Status::Done
             }
-            Op::FetchAdd { dst: at, add } => {
-                let (index, spec) = self.spec(at.region).ok()?;
-                if !spec.permits(src, at.offset, 8) {
-                    return Some(Err(self.refuse(src, dst, at, 8)));
+            Op::FetchAdd {
+                dst: at,
+                dst_index,
+                add,
+            } => {
+                if !self.regions[dst_index].permits(src, at.offset, 8) {
+                    return refuse(src, dst, at, 8);
                 }
-                Some(Ok(memory[index].fetch_add(at.offset, add)))
+                let old = memory[dst_index]
+                    .fetch_add_u64(at.offset, add)
+                    .expect("the word was checked at posting");
+                Status::Fetched(old)
             }
             Op::Send { data } => {
-                st.node[usize::from(dst.0)]
+                st.node[dst.index()]
                     .incoming
-                    .push_back(Ok(Incoming::Message { from: src, data }));
-                None
+                    .push_message(src, &data)
+                    .expect("the simulator holds sources to their credits");
+                self.notifiers[dst.index()].notify();
+                Status::Done
             }
         }
     }
 
-    fn refuse(&self, src: NodeId, dst: NodeId, at: RemoteAddr, len: u64) -> FabricError {
-        tracing::warn!(
-            "{dst} refused a write from {src} to {} at offset {} ({len} bytes): outside its grants",
-            at.region,
-            at.offset
-        );
-        FabricError::AccessDenied {
-            peer: dst,
-            region: at.region,
-            offset: at.offset,
-            len,
+    fn auto_step(&self) {
+        if self.options.auto_step {
+            let mut st = self.lock();
+            for _ in 0..AUTO_STEP_BOUND {
+                if !self.step(&mut st) {
+                    break;
+                }
+            }
         }
     }
 }
 
-fn killed(me: NodeId) -> FabricError {
-    FabricError::PeerDead {
-        peer: me,
-        reason: "this endpoint was killed".into(),
-    }
-}
-
-fn dead(peer: NodeId) -> FabricError {
-    FabricError::PeerDead {
-        peer,
-        reason: "silent past the heartbeat timeout".into(),
+#[cold]
+fn refuse(src: NodeId, dst: NodeId, at: RemoteAddr, len: u64) -> Status {
+    tracing::warn!(
+        "{dst} refused a write from {src} to {} at offset {} ({len} bytes): outside its grants",
+        at.region,
+        at.offset
+    );
+    Status::Denied {
+        region: at.region,
+        offset: at.offset,
+        len,
     }
 }
 
 fn node_id(rank: usize) -> NodeId {
     NodeId(u16::try_from(rank).expect("group size was checked to fit u16 ranks"))
+}
+
+impl SimFabric {
+    fn killed(&self) -> bool {
+        self.net.lock().node[self.rank.index()].killed
+    }
 }
 
 impl Fabric for SimFabric {
@@ -483,264 +677,272 @@ impl Fabric for SimFabric {
     }
 
     fn nodes(&self) -> usize {
-        self.shared.net.nodes
+        self.net.nodes
     }
 
-    fn region(&self, id: RegionId) -> Result<&dyn LocalRegion, FabricError> {
-        let net = &self.shared.net;
-        let (index, _) = net.spec(id)?;
-        Ok(&net.memory[usize::from(self.rank.0)][index])
+    fn memory(&self, region: crate::RegionId) -> Result<&Memory, FabricError> {
+        self.memory
+            .iter()
+            .find(|m| m.id() == region)
+            .map(|m| &**m)
+            .ok_or(FabricError::UnknownRegion { region })
     }
 
-    fn post_write(&self, peer: NodeId, dst: RemoteAddr, data: &[u8]) -> Result<WrId, FabricError> {
-        let net = &self.shared.net;
-        check_peer(peer, net.nodes)?;
-        check_range(&net.regions, dst, data.len() as u64)?;
-        let op = Op::Write {
-            dst,
-            data: data.to_vec(),
-            imm: None,
-        };
-        net.post(self.rank, peer, op, false)
-    }
-
-    fn post_write_imm(
+    fn post_write(
         &self,
         peer: NodeId,
         dst: RemoteAddr,
-        data: &[u8],
-        imm: u32,
+        src: Source<'_>,
+        imm: Option<u32>,
+        signal: Signal,
     ) -> Result<WrId, FabricError> {
-        let net = &self.shared.net;
+        let net = &self.net;
         check_peer(peer, net.nodes)?;
-        check_range(&net.regions, dst, data.len() as u64)?;
+        let w = check_write(&net.regions, dst, &src)?;
+        let data = match src {
+            Source::Region(s) => Data::Region {
+                index: w.src_index.expect("a region source has an index"),
+                offset: s.offset,
+                len: s.len,
+            },
+            Source::Inline(b) => Data::Inline(b.to_vec()),
+            Source::Empty => Data::Inline(Vec::new()),
+        };
         let op = Op::Write {
             dst,
-            data: data.to_vec(),
-            imm: Some(imm),
+            dst_index: w.dst_index,
+            data,
+            imm,
         };
-        net.post(self.rank, peer, op, false)
+        net.post(self.rank, peer, op, signal, &self.cq)
     }
 
     fn post_fetch_add(&self, peer: NodeId, dst: RemoteAddr, add: u64) -> Result<WrId, FabricError> {
-        let net = &self.shared.net;
+        let net = &self.net;
         check_peer(peer, net.nodes)?;
-        check_word(&net.regions, dst)?;
-        net.post(self.rank, peer, Op::FetchAdd { dst, add }, true)
+        let dst_index = check_word(&net.regions, dst)?;
+        let op = Op::FetchAdd {
+            dst,
+            dst_index,
+            add,
+        };
+        net.post(self.rank, peer, op, Signal::Always, &self.cq)
     }
 
-    fn post_send(&self, peer: NodeId, msg: &[u8]) -> Result<WrId, FabricError> {
-        let net = &self.shared.net;
+    fn credits(&self, peer: NodeId) -> Result<usize, FabricError> {
+        check_peer(peer, self.net.nodes)?;
+        let st = self.net.lock();
+        let node = &st.node[self.rank.index()];
+        let held = node.sent[peer.index()] - node.returned[peer.index()];
+        Ok(RECV_CREDITS - held as usize)
+    }
+
+    fn post_send(&self, peer: NodeId, msg: &[u8], signal: Signal) -> Result<WrId, FabricError> {
+        let net = &self.net;
         check_peer(peer, net.nodes)?;
         check_message(msg.len())?;
         let op = Op::Send { data: msg.to_vec() };
-        net.post(self.rank, peer, op, false)
+        net.post(self.rank, peer, op, signal, &self.cq)
     }
 
-    fn wait(&self, wr: WrId, timeout: Duration) -> Result<Completion, FabricError> {
-        let net = &self.shared.net;
-        let code = WrCode::decode(wr);
-        let me = usize::from(self.rank.0);
-        let deadline = Instant::now() + timeout;
+    fn poll_completions(&self, out: &mut [Completion]) -> usize {
+        self.net.auto_step();
+        self.cq.poll(out)
+    }
+
+    fn poll_completion(&self, wr: WrId) -> Result<Option<Completion>, FabricError> {
+        self.net.auto_step();
+        if self.killed() {
+            return Err(FabricError::Closed);
+        }
+        self.cq.poll_one(wr)
+    }
+
+    fn poll_incoming(&self, out: &mut IncomingBatch) -> usize {
+        self.net.auto_step();
+        let net = &self.net;
         let mut st = net.lock();
-        if usize::from(code.peer.0) >= net.nodes || code.counter >= st.node[me].next_counter {
-            return Err(FabricError::UnknownWr { wr });
+        let me = self.rank.index();
+        if st.node[me].killed {
+            return 0;
         }
-        let p = usize::from(code.peer.0);
-        loop {
-            let node = &mut st.node[me];
-            if node.killed {
-                return Err(killed(self.rank));
-            }
-            if node.done[p] >= code.counter {
-                let completion = |fetched| Completion {
-                    wr,
-                    peer: code.peer,
-                    fetched,
-                };
-                return match node.results.remove(&wr) {
-                    Some(Ok(v)) => Ok(completion(Some(v))),
-                    Some(Err(e)) => Err(e),
-                    None if code.fetch => Err(FabricError::UnknownWr { wr }),
-                    None => Ok(completion(None)),
-                };
-            }
-            if node.dead[p] {
-                return Err(dead(code.peer));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(FabricError::Timeout {
-                    what: format!("completion of {wr:?} to {}", code.peer),
-                    waited: timeout,
-                });
-            }
-            st = net
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let mut consumed = Vec::new();
+        let n = st.node[me]
+            .incoming
+            .take(out, |source| consumed.push(source));
+        for source in consumed {
+            // The credit travels back like any message.
+            let link = net.link(self.rank, source);
+            let due = net.due_on(&mut st, true, link);
+            net.schedule(
+                &mut st,
+                due,
+                Event::Credit {
+                    source,
+                    target: self.rank,
+                },
+            );
         }
+        n
     }
 
-    fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, FabricError> {
-        let net = &self.shared.net;
-        let me = usize::from(self.rank.0);
-        let deadline = Instant::now() + timeout;
-        let mut st = net.lock();
-        loop {
-            let node = &mut st.node[me];
-            if node.killed {
-                return Err(killed(self.rank));
-            }
-            match node.incoming.pop_front() {
-                Some(Ok(item)) => return Ok(Some(item)),
-                Some(Err(victim)) => return Err(dead(victim)),
-                None => {}
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            st = net
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+    fn notifier(&self) -> BorrowedFd<'_> {
+        self.notifier.fd()
+    }
+
+    fn arm_notifier(&self) {
+        self.notifier.arm();
+        if self.net.options.auto_step && self.net.lock().events.is_empty() {
+            return;
+        }
+        if self.net.options.auto_step {
+            // Events are pending: the caller must come back and deliver them, not sleep.
+            self.notifier.notify();
         }
     }
 }
 
-/// A simulated node's copy of one region.
-#[derive(Debug)]
-struct SimRegion {
-    id: RegionId,
-    bytes: Mutex<Vec<u8>>,
-}
-
-impl SimRegion {
-    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Callers checked the range against the region's length.
-    fn copy_in(&self, offset: u64, data: &[u8]) {
-        let start = offset as usize;
-        self.lock()[start..start + data.len()].copy_from_slice(data);
-    }
-
-    /// Callers checked alignment and range.
-    fn fetch_add(&self, offset: u64, add: u64) -> u64 {
-        let start = offset as usize;
-        let mut bytes = self.lock();
-        let word = &mut bytes[start..start + 8];
-        let old = u64::from_le_bytes(word.try_into().expect("an 8-byte slice"));
-        word.copy_from_slice(&old.wrapping_add(add).to_le_bytes());
-        old
-    }
-
-    fn range(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>, FabricError> {
-        let region_len = self.lock().len();
-        local_range(self.id, offset, len, region_len)
-    }
-}
-
-impl LocalRegion for SimRegion {
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), FabricError> {
-        let range = self.range(offset, buf.len())?;
-        buf.copy_from_slice(&self.lock()[range]);
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), FabricError> {
-        let range = self.range(offset, data.len())?;
-        self.lock()[range].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn load_u64(&self, offset: u64) -> Result<u64, FabricError> {
-        if offset % 8 != 0 {
-            return Err(FabricError::Misaligned { offset });
-        }
-        let range = self.range(offset, 8)?;
-        let bytes = self.lock();
-        Ok(u64::from_le_bytes(
-            bytes[range].try_into().expect("an 8-byte slice"),
-        ))
-    }
-}
-
-/// A small seeded generator (SplitMix64): enough for timings, and replayable.
+/// A small seeded generator (SplitMix64): enough for schedules, and replayable.
 #[derive(Debug, Clone)]
-struct SplitMix64(u64);
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+
+    /// A draw in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{IncomingRef, LocalSlice, RegionId};
+    use std::time::Duration;
 
-    fn group(seed: u64) -> SimGroup {
-        SimGroup::new(
-            2,
-            vec![RegionSpec::open(RegionId(1), 64)],
-            SimOptions::seeded(seed),
-        )
-        .unwrap()
+    const R: RegionId = RegionId(1);
+
+    fn group(nodes: usize, options: SimOptions) -> SimGroup {
+        SimGroup::new(nodes, vec![RegionSpec::open(R, 4096)], options).unwrap()
     }
 
     #[test]
     fn a_completed_write_is_visible_in_the_target_region() {
-        let g = group(1);
+        let g = group(2, SimOptions::seeded(1));
         let eps = g.endpoints();
-        let at = RemoteAddr {
-            region: RegionId(1),
-            offset: 8,
-        };
-        let wr = eps[0].post_write(NodeId(1), at, b"hello").unwrap();
+        let at = RemoteAddr::new(R, 8);
+        let wr = eps[0]
+            .post_write(
+                NodeId(1),
+                at,
+                Source::Inline(b"hello"),
+                None,
+                Signal::Always,
+            )
+            .unwrap();
         eps[0].wait(wr, Duration::from_secs(5)).unwrap();
         let mut buf = [0; 5];
-        eps[1]
-            .region(RegionId(1))
-            .unwrap()
-            .read(8, &mut buf)
-            .unwrap();
+        eps[1].memory(R).unwrap().read(8, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
     }
 
     #[test]
-    fn a_fetch_add_result_is_handed_out_once() {
-        let g = group(2);
-        let eps = g.endpoints();
-        let at = RemoteAddr {
-            region: RegionId(1),
-            offset: 0,
-        };
-        let wr = eps[0].post_fetch_add(NodeId(1), at, 3).unwrap();
-        let c = eps[0].wait(wr, Duration::from_secs(5)).unwrap();
-        assert_eq!(c.fetched, Some(0));
+    fn a_write_from_a_region_reads_the_source_when_it_is_carried_out() {
+        let g = group(2, SimOptions::manual(2));
+        let a = g.endpoint(NodeId(0));
+        a.memory(R).unwrap().write(0, b"old").unwrap();
+        let src = Source::Region(LocalSlice::new(R, 0, 3));
+        a.post_write(
+            NodeId(1),
+            RemoteAddr::new(R, 100),
+            src,
+            None,
+            Signal::Always,
+        )
+        .unwrap();
+        // Changing the source before completion is the caller's bug; the model shows it.
+        a.memory(R).unwrap().write(0, b"new").unwrap();
+        g.run_until_idle(100);
+        let mut buf = [0; 3];
+        g.endpoint(NodeId(1))
+            .memory(R)
+            .unwrap()
+            .read(100, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"new");
+    }
+
+    #[test]
+    fn manual_mode_delivers_only_when_stepped() {
+        let g = group(2, SimOptions::manual(3));
+        let a = g.endpoint(NodeId(0));
+        let wr = a
+            .post_write(
+                NodeId(1),
+                RemoteAddr::new(R, 0),
+                Source::Empty,
+                Some(5),
+                Signal::Always,
+            )
+            .unwrap();
+        assert_eq!(a.poll_completion(wr).unwrap(), None);
+        let mut batch = IncomingBatch::new(4);
+        assert_eq!(g.endpoint(NodeId(1)).poll_incoming(&mut batch), 0);
+        assert!(g.step());
+        assert_eq!(g.endpoint(NodeId(1)).poll_incoming(&mut batch), 1);
+        assert_eq!(
+            batch.iter().next(),
+            Some(IncomingRef::Doorbell {
+                from: NodeId(0),
+                imm: 5
+            })
+        );
+        assert!(g.step());
+        assert!(a.poll_completion(wr).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_sender_without_credit_is_told_to_wait_until_the_target_polls() {
+        let g = group(2, SimOptions::manual(4));
+        let a = g.endpoint(NodeId(0));
+        let at = RemoteAddr::new(R, 0);
+        for _ in 0..RECV_CREDITS {
+            a.post_write(NodeId(1), at, Source::Empty, Some(1), Signal::OnError)
+                .unwrap();
+        }
+        let e = a
+            .post_write(NodeId(1), at, Source::Empty, Some(1), Signal::OnError)
+            .unwrap_err();
         assert!(matches!(
-            eps[0].wait(wr, Duration::from_secs(5)),
-            Err(FabricError::UnknownWr { .. })
+            e,
+            FabricError::WouldBlock {
+                resource: Resource::ReceiveCredits,
+                ..
+            }
         ));
+        g.run_until_idle(10_000);
+        let mut batch = IncomingBatch::new(RECV_CREDITS);
+        assert_eq!(
+            g.endpoint(NodeId(1)).poll_incoming(&mut batch),
+            RECV_CREDITS
+        );
+        // Still no credit until the returns travel back.
+        assert!(a.post_send(NodeId(1), b"x", Signal::OnError).is_err());
+        g.run_until_idle(10_000);
+        a.post_send(NodeId(1), b"x", Signal::OnError).unwrap();
     }
 
     #[test]
     fn a_killed_node_is_reported_to_a_waiting_receiver() {
         let mut opts = SimOptions::seeded(3);
-        opts.heartbeat_timeout = Duration::from_millis(100);
+        opts.heartbeat_timeout = 100;
         let g = SimGroup::new(2, vec![], opts).unwrap();
         let eps = g.endpoints();
         g.kill(NodeId(1));

@@ -14,7 +14,7 @@
 //! | 12..16 | region | target region id |
 //! | 16..24 | wr | the source's work-request number (acks name the one they complete) |
 //! | 24..32 | offset | byte offset in the region |
-//! | 32..40 | arg | fetch_add: the addend; ack of a fetch_add: the old value; nack: refused length; first chunk of a chunked write: its total length |
+//! | 32..40 | arg | fetch_add: the addend; ack of a fetch_add: the old value; nack: refused length; first chunk of a chunked write: its total length; credit: the count of doorbells and messages the sender has polled from us |
 //! | 40..44 | imm | write_imm: the immediate; nack: a [`NackReason`] |
 //! | 44..48 | reserved | 0 |
 //!
@@ -37,8 +37,8 @@ pub const HEADER_BYTES: usize = 48;
 /// First two bytes of every frame.
 pub const MAGIC: u16 = 0x7376; // "vs"
 
-/// Version of the frame format.
-pub const VERSION: u8 = 1;
+/// Version of the frame format (2: cumulative acks, credit returns).
+pub const VERSION: u8 = 2;
 
 /// Largest payload one write frame carries. Larger writes travel as several chunk frames (all
 /// but the last flagged [`FLAG_MORE`]); this bounds the receive buffer a peer can make us
@@ -59,7 +59,8 @@ pub enum Kind {
     FetchAdd = 3,
     /// Queue the payload as a control message.
     Send = 4,
-    /// The operation `wr` (and every earlier one on this connection) took effect.
+    /// The operation `wr` and every earlier one on this connection took effect (one ack may
+    /// answer many requests).
     Ack = 5,
     /// The fetch_add `wr` took effect; `arg` is the old value.
     AckFetch = 6,
@@ -67,6 +68,9 @@ pub enum Kind {
     Nack = 7,
     /// Nothing: proves the sender is alive.
     Heartbeat = 8,
+    /// Receive credits returned: `arg` is how many of our doorbells and messages the sender
+    /// has polled so far (cumulative).
+    Credit = 9,
 }
 
 impl Kind {
@@ -80,6 +84,7 @@ impl Kind {
             6 => Kind::AckFetch,
             7 => Kind::Nack,
             8 => Kind::Heartbeat,
+            9 => Kind::Credit,
             _ => return None,
         })
     }
@@ -89,7 +94,12 @@ impl Kind {
         match self {
             Kind::Write | Kind::WriteImm => MAX_WRITE_PAYLOAD,
             Kind::Send => MAX_MESSAGE_BYTES,
-            Kind::FetchAdd | Kind::Ack | Kind::AckFetch | Kind::Nack | Kind::Heartbeat => 0,
+            Kind::FetchAdd
+            | Kind::Ack
+            | Kind::AckFetch
+            | Kind::Nack
+            | Kind::Heartbeat
+            | Kind::Credit => 0,
         }
     }
 
@@ -576,7 +586,7 @@ mod tests {
 
         #[test]
         fn every_valid_header_round_trips(
-            kind in 1u8..=8, len in 0u32..64, region in any::<u32>(), wr in any::<u64>(),
+            kind in 1u8..=9, len in 0u32..64, region in any::<u32>(), wr in any::<u64>(),
             offset in 0u64..(1 << 40), arg in any::<u64>(), imm in 1u32..=2,
         ) {
             let kind = Kind::from_code(kind).unwrap();

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vsmp_fabric::delay::Delayed;
 use vsmp_fabric::shm::ShmFabric;
-use vsmp_fabric::{Fabric, FabricError, GroupConfig, NodeId, Secret, conformance};
+use vsmp_fabric::{Fabric, FabricError, GroupConfig, Memory, NodeId, Secret, conformance};
 
 fn config(rank: u16, nodes: usize, path: &Path, secret: &Secret) -> GroupConfig {
     let mut cfg = GroupConfig::new(
@@ -21,15 +22,21 @@ fn config(rank: u16, nodes: usize, path: &Path, secret: &Secret) -> GroupConfig 
     cfg
 }
 
-fn form_group(nodes: usize, path: &Path, secret: &Secret, delay: Duration) -> Vec<Arc<dyn Fabric>> {
+fn form_group(nodes: usize, path: &Path, secret: &Secret) -> Vec<Arc<dyn Fabric>> {
+    form_group_with(nodes, path, secret, |cfg| cfg)
+}
+
+fn form_group_with(
+    nodes: usize,
+    path: &Path,
+    secret: &Secret,
+    tweak: impl Fn(GroupConfig) -> GroupConfig + Sync,
+) -> Vec<Arc<dyn Fabric>> {
     std::thread::scope(|s| {
         let joins: Vec<_> = (0..nodes as u16)
             .map(|r| {
-                s.spawn(move || {
-                    let mut cfg = config(r, nodes, path, secret);
-                    cfg.delay = delay;
-                    ShmFabric::join(&cfg)
-                })
+                let tweak = &tweak;
+                s.spawn(move || ShmFabric::join(&tweak(config(r, nodes, path, secret))))
             })
             .collect();
         joins
@@ -43,21 +50,51 @@ fn form_group(nodes: usize, path: &Path, secret: &Secret, delay: Duration) -> Ve
 fn the_suite_passes_on_shm_with_three_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let secret = Secret::generate().unwrap();
-    let group = form_group(3, &dir.path().join("boot"), &secret, Duration::ZERO);
+    let group = form_group(3, &dir.path().join("boot"), &secret);
     conformance::run_all(&group).unwrap();
 }
 
 #[test]
-fn the_suite_passes_on_shm_with_an_injected_delay() {
+fn the_suite_passes_on_shm_through_the_delay_decorator() {
     let dir = tempfile::tempdir().unwrap();
     let secret = Secret::generate().unwrap();
-    let group = form_group(
-        2,
-        &dir.path().join("boot"),
-        &secret,
-        Duration::from_micros(20),
-    );
+    let group = form_group(2, &dir.path().join("boot"), &secret)
+        .into_iter()
+        .map(|ep| {
+            let d = Delayed::new(ep, conformance::regions(), Duration::from_micros(20)).unwrap();
+            Arc::new(d) as Arc<dyn Fabric>
+        })
+        .collect::<Vec<_>>();
     conformance::run_all(&group).unwrap();
+}
+
+/// A memfd of the test's own, registered for `OWNED`, and a second mapping of it the test
+/// keeps (through `/proc/self/fd`, so it is the same file, not a copy).
+fn caller_memory() -> (Arc<Memory>, Memory) {
+    let m = Memory::create(conformance::OWNED, conformance::OWNED_BYTES).unwrap();
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&m.fd()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    (
+        Arc::new(m),
+        Memory::from_file(conformance::OWNED, file).unwrap(),
+    )
+}
+
+#[test]
+fn memory_the_caller_registered_is_the_region_on_shm() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = Secret::generate().unwrap();
+    let mine: Vec<(Arc<Memory>, Memory)> = (0..3).map(|_| caller_memory()).collect();
+    let group = form_group_with(3, &dir.path().join("boot"), &secret, |cfg| {
+        let r = cfg.rank.index();
+        cfg.register(Arc::clone(&mine[r].0))
+    });
+    let views: Vec<Memory> = mine.into_iter().map(|(_, view)| view).collect();
+    conformance::registered_memory_is_the_region(&group, &views).unwrap();
 }
 
 #[test]

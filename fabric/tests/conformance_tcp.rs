@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vsmp_fabric::conformance;
+use vsmp_fabric::delay::Delayed;
 use vsmp_fabric::tcp::TcpFabric;
-use vsmp_fabric::{Fabric, GroupConfig, NodeId, Secret};
+use vsmp_fabric::{Fabric, GroupConfig, Memory, NodeId, Secret};
 
 fn template(nodes: usize) -> GroupConfig {
     let secret = Secret::from_bytes(b"conformance-tcp-secret".to_vec()).unwrap();
@@ -14,6 +15,11 @@ fn template(nodes: usize) -> GroupConfig {
 }
 
 fn group(cfg: &GroupConfig) -> Vec<Arc<dyn Fabric>> {
+    // Warnings (a dropped connection, a protocol violation) reach the test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("warn")
+        .try_init();
     TcpFabric::local_group(cfg)
         .expect("a local tcp group forms")
         .into_iter()
@@ -34,9 +40,41 @@ fn the_suite_passes_on_tcp_with_four_nodes() {
 }
 
 #[test]
-fn the_suite_passes_on_tcp_with_an_injected_delay() {
-    let mut cfg = template(3);
-    cfg.delay = Duration::from_micros(200);
-    let g = group(&cfg);
+fn the_suite_passes_on_tcp_through_the_delay_decorator() {
+    let g: Vec<Arc<dyn Fabric>> = group(&template(3))
+        .into_iter()
+        .map(|ep| {
+            let d = Delayed::new(ep, conformance::regions(), Duration::from_micros(200)).unwrap();
+            Arc::new(d) as Arc<dyn Fabric>
+        })
+        .collect();
     conformance::run_all(&g).unwrap_or_else(|e| panic!("tcp, 3 nodes, 200us delay: {e}"));
+}
+
+#[test]
+fn memory_the_caller_registered_is_the_region_on_tcp() {
+    // Each rank registers a memfd of its own, so each needs its own configuration.
+    let mine: Vec<Arc<Memory>> = (0..3)
+        .map(|_| Arc::new(Memory::create(conformance::OWNED, conformance::OWNED_BYTES).unwrap()))
+        .collect();
+    let views: Vec<Memory> = mine
+        .iter()
+        .map(|m| conformance::second_mapping(m).unwrap())
+        .collect();
+    let mut cfg0 = template(3).register(Arc::clone(&mine[0]));
+    cfg0.bootstrap = "127.0.0.1:0".into();
+    let (listener, addr) = TcpFabric::listen(cfg0).unwrap();
+    let joiners: Vec<_> = (1..3u16)
+        .map(|r| {
+            let mut cfg = template(3).register(Arc::clone(&mine[r as usize]));
+            cfg.rank = NodeId(r);
+            cfg.bootstrap = addr.to_string();
+            std::thread::spawn(move || TcpFabric::join(cfg).unwrap())
+        })
+        .collect();
+    let mut g: Vec<Arc<dyn Fabric>> = vec![Arc::new(listener.accept_group().unwrap())];
+    for j in joiners {
+        g.push(Arc::new(j.join().unwrap()));
+    }
+    conformance::registered_memory_is_the_region(&g, &views).unwrap();
 }

@@ -14,9 +14,12 @@
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vsmp_fabric::conformance::{self, DATA, WORDS};
+use vsmp_fabric::conformance::{self, DATA, SRC, WORDS};
 use vsmp_fabric::tcp::TcpFabric;
-use vsmp_fabric::{Fabric, FabricError, GroupConfig, Incoming, NodeId, RemoteAddr, Secret};
+use vsmp_fabric::{
+    Fabric, FabricError, GroupConfig, Incoming, LocalSlice, NodeId, RemoteAddr, Secret, Signal,
+    Source,
+};
 
 const NODE_ENV: &str = "VSMP_NETNS_NODE";
 const REQUIRE_ENV: &str = "VSMP_REQUIRE_NETNS";
@@ -65,31 +68,31 @@ fn run_node(ep: &TcpFabric) -> Result<(), String> {
     }
     let slot = |n: NodeId| (usize::from(n.0) * conformance::SLOT_BYTES) as u64;
     let data = conformance::pattern(u64::from(me.0) + 1, WRITE_BYTES);
-    let at = RemoteAddr {
-        region: DATA,
-        offset: slot(me),
-    };
-    let wr = ep.post_write(other, at, &data).map_err(err("write"))?;
-    ep.wait(wr, WAIT).map_err(err("waiting for the write"))?;
-    let bell = RemoteAddr {
-        region: DATA,
-        offset: slot(me) + WRITE_BYTES as u64,
-    };
+    let at = RemoteAddr::new(DATA, slot(me));
+    ep.memory(SRC)
+        .and_then(|m| m.write(0, &data))
+        .map_err(err("staging the source"))?;
+    let src = Source::Region(LocalSlice::new(SRC, 0, data.len() as u64));
     let wr = ep
-        .post_write_imm(other, bell, b"bell", 100 + u32::from(me.0))
+        .post_write(other, at, src, None, Signal::Always)
+        .map_err(err("write"))?;
+    ep.wait(wr, WAIT).map_err(err("waiting for the write"))?;
+    let bell = RemoteAddr::new(DATA, slot(me) + WRITE_BYTES as u64);
+    let imm = Some(100 + u32::from(me.0));
+    let wr = ep
+        .post_write(other, bell, Source::Inline(b"bell"), imm, Signal::Always)
         .map_err(err("write_imm"))?;
     ep.wait(wr, WAIT).map_err(err("waiting for the doorbell"))?;
-    let counter = RemoteAddr {
-        region: WORDS,
-        offset: 0,
-    };
+    let counter = RemoteAddr::new(WORDS, 0);
     for _ in 0..ADDS {
         let wr = ep
             .post_fetch_add(NodeId(0), counter, 1)
             .map_err(err("fetch_add"))?;
         ep.wait(wr, WAIT).map_err(err("waiting for a fetch_add"))?;
     }
-    let wr = ep.post_send(other, b"done").map_err(err("send"))?;
+    let wr = ep
+        .post_send(other, b"done", Signal::Always)
+        .map_err(err("send"))?;
     ep.wait(wr, WAIT).map_err(err("waiting for the send"))?;
 
     // The other side's doorbell then message, in its posting order.
@@ -99,7 +102,7 @@ fn run_node(ep: &TcpFabric) -> Result<(), String> {
         got => return Err(format!("expected the doorbell from {other}, got {got:?}")),
     }
     let mut got = vec![0u8; WRITE_BYTES];
-    let region = ep.region(DATA).map_err(err("region"))?;
+    let region = ep.memory(DATA).map_err(err("region"))?;
     region.read(slot(other), &mut got).map_err(err("read"))?;
     if got != conformance::pattern(u64::from(other.0) + 1, WRITE_BYTES) {
         return Err(format!(
@@ -113,7 +116,7 @@ fn run_node(ep: &TcpFabric) -> Result<(), String> {
     if me == NodeId(0) {
         // Node 1 waited for its adds before sending "done"; ours were waited too.
         let total = ep
-            .region(WORDS)
+            .memory(WORDS)
             .and_then(|r| r.load_u64(0))
             .map_err(err("load"))?;
         if total != 2 * ADDS {
@@ -123,7 +126,9 @@ fn run_node(ep: &TcpFabric) -> Result<(), String> {
     // Leave in order: node 1 says bye and leaves once node 0 acknowledged it; node 0 leaves
     // only after seeing node 1 gone (otherwise its exit could swallow that acknowledgement).
     if me == NodeId(1) {
-        let wr = ep.post_send(other, b"bye").map_err(err("send"))?;
+        let wr = ep
+            .post_send(other, b"bye", Signal::Always)
+            .map_err(err("send"))?;
         return ep.wait(wr, WAIT).map(drop).map_err(err("waiting for bye"));
     }
     match ep.recv(WAIT) {

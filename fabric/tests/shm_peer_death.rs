@@ -11,9 +11,12 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vsmp_fabric::conformance::{self, DATA};
+use vsmp_fabric::conformance::{self, DATA, SRC};
 use vsmp_fabric::shm::ShmFabric;
-use vsmp_fabric::{Fabric, GroupConfig, Incoming, NodeId, RemoteAddr, SECRET_ENV, Secret};
+use vsmp_fabric::{
+    Fabric, GroupConfig, Incoming, LocalSlice, NodeId, RemoteAddr, SECRET_ENV, Secret, Signal,
+    Source,
+};
 
 const NODES: usize = 3;
 const CHILD_RANK: u16 = 2;
@@ -46,8 +49,8 @@ fn child_node_process() {
         match ep.recv(Duration::from_secs(1)) {
             Ok(Some(Incoming::Doorbell { from, imm })) => {
                 let mut buf = vec![0; imm as usize];
-                ep.region(DATA).unwrap().read(0, &mut buf).unwrap();
-                let wr = ep.post_send(from, &buf).unwrap();
+                ep.memory(DATA).unwrap().read(0, &mut buf).unwrap();
+                let wr = ep.post_send(from, &buf, Signal::Always).unwrap();
                 ep.wait(wr, Duration::from_secs(5)).unwrap();
             }
             Ok(_) => {}
@@ -115,12 +118,17 @@ fn group_with_child(path: &Path, secret: &Secret) -> Vec<Arc<dyn Fabric>> {
             .collect()
     });
     let data = conformance::pattern(42, 4096);
-    let at = RemoteAddr {
-        region: DATA,
-        offset: 0,
-    };
+    let at = RemoteAddr::new(DATA, 0);
+    group[0].memory(SRC).unwrap().write(0, &data).unwrap();
+    let src = Source::Region(LocalSlice::new(SRC, 0, data.len() as u64));
     let wr = group[0]
-        .post_write_imm(NodeId(CHILD_RANK), at, &data, data.len() as u32)
+        .post_write(
+            NodeId(CHILD_RANK),
+            at,
+            src,
+            Some(data.len() as u32),
+            Signal::Always,
+        )
         .unwrap();
     group[0].wait(wr, Duration::from_secs(10)).unwrap();
     let reply = match group[0].recv(Duration::from_secs(20)).unwrap() {

@@ -1,25 +1,27 @@
 //! The shm backend: the nodes of a group are processes on one host that map each other's
 //! memory.
 //!
-//! Every node creates one memfd per registered region and one *inbox* memfd (heartbeat word,
-//! futex word, and one SPSC ring per source for doorbells and control messages), and hands
-//! them to the others at bootstrap (`join`: a Unix socket at `GroupConfig::bootstrap`, every
-//! join authenticated). After that no system call is on the data path:
+//! Every node has one memfd per registered region (its own memory, or fresh), one *inbox*
+//! memfd (heartbeat word, armed word, and one SPSC ring per source for doorbells and control
+//! messages) and an eventfd (its notifier), and hands them to the others at the rendezvous (a
+//! Unix socket at `GroupConfig::bootstrap`, every join authenticated, the descriptors passed
+//! with `SCM_RIGHTS`). After that no system call is on the data path:
 //!
-//! - `write` copies straight into the target's region mapping, then a release fence;
-//! - `write_imm` does the same and then pushes a doorbell on the (source, target) ring, whose
-//!   release store of the entry's header publishes the data with it;
+//! - a write copies once, from the source's registered memory (or the inline bytes) straight
+//!   into the target's region mapping, then a release fence;
+//! - a doorbell does the same and then pushes its immediate on the (source, target) ring,
+//!   whose header store publishes the data with it;
 //! - `fetch_add` is a hardware atomic add on the word in the target's mapping;
 //! - `send` pushes a message on the ring;
 //! - completion is immediate: the source performed the effect itself, so it is visible at the
-//!   target when the post returns (with an injected delay, each operation is applied `delay`
-//!   after posting and completed `delay` later, by whichever thread is waiting in `recv` or
-//!   `wait` at that moment, or else, a little late, by a sleeping fallback thread).
+//!   target when the post returns.
 //!
-//! Per-peer order: one lock per (source, target) link serialises posting, so copies and ring
-//! pushes to one peer happen in posting order. `recv` spins briefly, then sleeps on a futex in
-//! its inbox, which producers wake only when a sleeper is registered (so an idle node burns no
-//! core and a busy one makes no system call).
+//! Per-peer order: one spin lock per (source, target) link serialises posting, so copies and
+//! ring pushes to one peer happen in posting order. Credits are the ring's own: the consumer
+//! hands back space and credits every quarter of the credits it took, and before it sleeps.
+//! A consumer that sleeps arms its notifier; a producer that finds it armed writes its
+//! eventfd (see `notifier.rs`), so an idle node burns no core and a busy one makes no system
+//! call.
 //!
 //! Failure detection: each node's heartbeat thread bumps its inbox's heartbeat word and
 //! watches its peers'; a word that has not moved for `heartbeat_timeout` (the process was
@@ -29,67 +31,59 @@
 //! them is refused with `AccessDenied`), not against a hostile process; shm trusts the
 //! processes of one host once they authenticated (see `docs/fabric.md`).
 //!
-//! Threads: callers of the endpoint; `fabric-hb-<rank>` (heartbeats and death watch);
-//! `fabric-delay-<rank>` when a delay is injected. Lock order: a link lock, then the delay
-//! queue lock; the receive lock is never held with either.
-#![deny(unsafe_code)]
+//! Threads: callers of the endpoint; `fabric-hb-<rank>` (heartbeats and death watch). Lock
+//! order: a link lock, then the completion queue's; the receive lock is never held with a link
+//! lock.
+#![forbid(unsafe_code)]
 
-mod join;
+mod raw;
 mod ring;
-#[allow(unsafe_code)] // The one place this backend needs it; every block has a SAFETY comment.
-mod sys;
 
-use std::collections::{BTreeMap, HashMap};
+pub use raw::SharedMemory;
+
 use std::fs::File;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::checks::{check_message, check_peer, check_range, check_word, local_range};
+use crate::checks::{check_grant, check_message, check_peer, check_word, check_write};
+use crate::cq::Cq;
+use crate::memory::memfd;
+use crate::notifier::{Notifier, new_eventfd, wake_if_armed};
+use crate::rendezvous::{self, CONNECT_RETRY, Card, Member};
+use crate::sys::{Mapping, SpinLock};
 use crate::wr_code::WrCode;
 use crate::{
-    Completion, Fabric, FabricError, GroupConfig, Incoming, LocalRegion, NodeId, RegionId,
-    RegionSpec, RemoteAddr, WrId,
+    Completion, DeathCause, Fabric, FabricError, GroupConfig, IncomingBatch, Memory, NodeId,
+    RECV_CREDITS, RegionId, RegionSpec, RemoteAddr, Resource, Signal, Source, Status, WrId,
 };
-use ring::{Entry, RING_STRIDE, Ring};
-use sys::{Mapping, PostLock};
+use ring::{Popped, RING_STRIDE, ReadPos, Refused, Ring};
 
-/// Inbox layout: the heartbeat counter, the futex word and the sleeper count each on their
-/// own cache line, then one ring per source.
+/// Inbox layout: the heartbeat counter and the armed word each on their own cache line, then
+/// one ring per source.
 const HEARTBEAT: usize = 0;
-const WAKE: usize = 64;
-const SLEEPERS: usize = 128;
+const ARMED: usize = 64;
 const RINGS: usize = 4096;
 
-/// How long `recv` and `wait` spin before they sleep: long enough to catch a reply on the
+/// How long the blocking calls spin before they sleep: long enough to catch a reply on the
 /// other core without a system call even when the host is busy, short enough that an idle
 /// node sleeps soon (it burns at most this much CPU after its last message). Measured with
 /// `vsmp bench fabric` on a loaded 2-core host: with 30 us or 200 us the answering node fell
 /// asleep between doorbells and the blocking round trip was 100-900x the raw ping-pong; with
 /// 1 ms it matches the busy-polling round trip.
-const SPIN: Duration = Duration::from_micros(1000);
+const SPIN: Duration = Duration::from_millis(1);
 
-/// Read ring space is handed back to the producer at least every this many bytes, so a
+/// The consumer hands space and credits back at least every this many entries, so a
 /// receiver that is never idle still keeps its producers flowing.
-const RELEASE_BYTES: u64 = (ring::RING_BYTES / 4) as u64;
+const RELEASE_ENTRIES: u64 = (RECV_CREDITS / 4) as u64;
 
-/// Bound on payload bytes posted with an injected delay and not yet applied: the window a
-/// link would have. Posting past it helps apply due operations until there is room again.
-const DELAYED_BYTES_IN_FLIGHT: u64 = 8 << 20;
-
-/// How late a delayed operation may be before the fallback delay thread applies it: callers
-/// waiting in `recv` or `wait` apply operations on time; the thread only covers for a poster
-/// that went off doing something else (its operations then land up to this much, plus timer
-/// slack, after their due time).
-const FALLBACK_SLACK: Duration = Duration::from_micros(100);
-
-/// Ring polls between two looks at the clock while spinning.
-const POLLS_PER_CLOCK: usize = 64;
-
-/// Longest single futex sleep; deaths and deadlines are rechecked at least this often.
-const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// The name this backend gives the rendezvous (nodes of other backends cannot join).
+const BACKEND: &str = "shm";
 
 fn inbox_len(nodes: usize) -> usize {
     RINGS + nodes * RING_STRIDE
@@ -99,34 +93,23 @@ fn ring_base(src: usize) -> usize {
     RINGS + src * RING_STRIDE
 }
 
-fn map_len(len: usize) -> usize {
-    len.max(1).next_multiple_of(4096)
-}
-
 /// One node's endpoint on the shm fabric.
 #[derive(Debug)]
 pub struct ShmFabric {
     inner: Arc<Inner>,
-    threads: Vec<JoinHandle<()>>,
+    heartbeat: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug)]
 struct Inner {
     rank: NodeId,
     regions: Vec<RegionSpec>,
-    delay: Duration,
     heartbeat_timeout: Duration,
     peers: Vec<Peer>,
-    own: Vec<ShmRegion>,
     next_counter: AtomicU64,
-    /// Results of `fetch_add`s not yet handed out by `wait`.
-    fetched: PostLock<HashMap<WrId, u64, BuildHasherDefault<WrHasher>>>,
-    /// Failures of delayed operations, reported by `wait` (empty without a delay).
-    failed: Mutex<HashMap<WrId, FabricError>>,
-    rx: PostLock<Receiver>,
-    delayed: Delayed,
-    /// Signalled when a delayed operation completes or a peer dies.
-    completed: (Mutex<()>, Condvar),
+    cq: Cq,
+    notifier: Arc<Notifier>,
+    rx: SpinLock<Receiver>,
     stop: AtomicBool,
 }
 
@@ -135,407 +118,325 @@ struct Inner {
 struct Peer {
     rank: NodeId,
     pid: u32,
-    regions: Vec<Arc<Mapping>>,
+    regions: Vec<Arc<Memory>>,
     inbox: Arc<Mapping>,
-    /// Serialises posts to this peer, so they take effect in posting order (a lock whose
-    /// uncontended round is one compare-exchange and a plain store: it is on every post).
-    link: PostLock<()>,
-    /// Highest work-request counter to this peer that has completed.
-    done: AtomicU64,
+    /// The peer's notifier, written when it sleeps armed.
+    efd: File,
+    /// Serialises posts to this peer, so they take effect in posting order.
+    link: SpinLock<()>,
     dead: AtomicBool,
+    /// Why it died (a `Cause` code), once `dead`.
+    cause: AtomicU8,
 }
 
 #[derive(Debug)]
 struct Receiver {
     /// Where the next round-robin scan of the rings starts, for fairness across sources.
     next: usize,
-    /// Per source ring: the read position (entries before it are taken, maybe not released).
-    read: Vec<u64>,
-    /// Deaths already reported by `recv`.
+    /// Per source ring: the consumer's position.
+    read: Vec<ReadPos>,
+    /// Deaths already reported by `poll_incoming`.
     reported: Vec<bool>,
 }
 
-/// An operation, borrowing its bytes when applied at once and owning them when delayed.
-#[derive(Debug)]
-enum Op<D> {
-    Write {
-        index: usize,
-        offset: u64,
-        data: D,
-        imm: Option<u32>,
-    },
-    FetchAdd {
-        index: usize,
-        offset: u64,
-        add: u64,
-    },
-    Send {
-        data: D,
-    },
-}
+const CAUSE_SILENT: u8 = 1;
+const CAUSE_PROTOCOL: u8 = 2;
 
-impl<D: AsRef<[u8]>> Op<D> {
-    /// Payload bytes carried.
-    fn bytes(&self) -> usize {
-        match self {
-            Op::Write { data, .. } | Op::Send { data } => data.as_ref().len(),
-            Op::FetchAdd { .. } => 8,
-        }
+fn cause_code(c: DeathCause) -> u8 {
+    match c {
+        DeathCause::Protocol => CAUSE_PROTOCOL,
+        _ => CAUSE_SILENT,
     }
 }
 
-impl Op<&[u8]> {
-    fn to_owned(&self) -> Op<Vec<u8>> {
-        match *self {
-            Op::Write {
-                index,
-                offset,
-                data,
-                imm,
-            } => Op::Write {
-                index,
-                offset,
-                data: data.to_vec(),
-                imm,
-            },
-            Op::FetchAdd { index, offset, add } => Op::FetchAdd { index, offset, add },
-            Op::Send { data } => Op::Send {
-                data: data.to_vec(),
-            },
-        }
+fn cause_of(code: u8) -> DeathCause {
+    match code {
+        CAUSE_PROTOCOL => DeathCause::Protocol,
+        _ => DeathCause::Silent,
     }
 }
 
 impl ShmFabric {
-    /// Joins the group `cfg` describes: creates this node's memory, exchanges it with every
-    /// peer through the authenticated bootstrap, and starts the heartbeat thread.
+    /// Joins the group `cfg` describes: creates this node's inbox and notifier, exchanges its
+    /// memory with every peer through the authenticated rendezvous, and starts the heartbeat
+    /// thread.
     pub fn join(cfg: &GroupConfig) -> Result<ShmFabric, FabricError> {
         cfg.validate()?;
-        if cfg.regions.len() > join::MAX_REGIONS {
-            return Err(FabricError::Config(format!(
-                "the shm backend carries at most {} regions, not {}",
-                join::MAX_REGIONS,
-                cfg.regions.len()
-            )));
-        }
         if cfg.heartbeat_timeout.is_zero() {
             return Err(FabricError::Config("the heartbeat timeout is zero".into()));
         }
+        if cfg.regions.len() + 2 > rendezvous::MAX_CARD_FDS {
+            return Err(FabricError::Config(format!(
+                "the shm backend carries at most {} regions, not {}",
+                rendezvous::MAX_CARD_FDS - 2,
+                cfg.regions.len()
+            )));
+        }
         let n = cfg.nodes;
-        let own = join::Member {
-            rank: cfg.rank,
-            pid: std::process::id(),
-            inbox: memfd(&format!("vsmp-{}-inbox", cfg.rank.0), inbox_len(n))?,
-            regions: cfg
-                .regions
-                .iter()
-                .map(|r| memfd(&format!("vsmp-{}-region-{}", cfg.rank.0, r.id.0), r.len))
-                .collect::<Result<_, _>>()?,
-        };
-        let members = join::exchange(cfg, own, inbox_len(n) as u64)?;
+        let own_memory = cfg.region_memory()?;
+        let inbox = memfd(&format!("vsmp-{}-inbox", cfg.rank.0), inbox_len(n))?;
+        let efd = new_eventfd()?;
+        let card = own_card(cfg, &inbox, &efd, &own_memory)?;
+        let members = gather(cfg, card)?;
         let peers = members
-            .iter()
-            .map(|m| peer(cfg, m))
-            .collect::<Result<Vec<_>, _>>()?;
-        let me = usize::from(cfg.rank.0);
-        let own = cfg
-            .regions
-            .iter()
-            .zip(&peers[me].regions)
-            .map(|(spec, map)| ShmRegion {
-                id: spec.id,
-                len: spec.len,
-                map: Arc::clone(map),
+            .into_iter()
+            .map(|m| {
+                if m.rank == cfg.rank {
+                    own_peer(cfg, &inbox, &efd, &own_memory)
+                } else {
+                    peer(cfg, m)
+                }
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
+        let me = cfg.rank.index();
+        let notifier = Arc::new(Notifier::shared(efd, Arc::clone(&peers[me].inbox), ARMED));
         let inner = Arc::new(Inner {
             rank: cfg.rank,
             regions: cfg.regions.clone(),
-            delay: cfg.delay,
             heartbeat_timeout: cfg.heartbeat_timeout,
             peers,
-            own,
             next_counter: AtomicU64::new(1),
-            fetched: PostLock::new(HashMap::default()),
-            failed: Mutex::new(HashMap::new()),
-            rx: PostLock::new(Receiver {
+            cq: Cq::new(n, Arc::clone(&notifier)),
+            notifier,
+            rx: SpinLock::new(Receiver {
                 next: 0,
-                read: vec![0; n],
+                read: vec![ReadPos::default(); n],
                 reported: vec![false; n],
             }),
-            delayed: Delayed::new(n),
-            completed: (Mutex::new(()), Condvar::new()),
             stop: AtomicBool::new(false),
         });
-        let mut threads = Vec::new();
         let hb = Arc::clone(&inner);
-        threads.push(spawn(format!("fabric-hb-{}", cfg.rank.0), move || {
-            hb.heartbeat()
-        })?);
-        if !cfg.delay.is_zero() {
-            let d = Arc::clone(&inner);
-            threads.push(spawn(format!("fabric-delay-{}", cfg.rank.0), move || {
-                d.run_delayed()
-            })?);
-        }
-        Ok(ShmFabric { inner, threads })
+        let heartbeat = std::thread::Builder::new()
+            .name(format!("fabric-hb-{}", cfg.rank.0))
+            .spawn(move || hb.heartbeat())
+            .map_err(FabricError::io("spawning the shm heartbeat thread"))?;
+        Ok(ShmFabric {
+            inner,
+            heartbeat: Some(heartbeat),
+        })
     }
 }
 
 impl Drop for ShmFabric {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
-        self.inner.delayed.wake.notify_all();
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.heartbeat.take() {
             let _ = t.join();
         }
     }
 }
 
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, FabricError> {
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(f)
-        .map_err(|source| FabricError::Io {
-            op: format!("spawning thread {name}"),
-            source,
-        })
-}
-
-fn memfd(name: &str, len: usize) -> Result<File, FabricError> {
-    let io = |op: String| move |source| FabricError::Io { op, source };
-    let cname = std::ffi::CString::new(name).map_err(|_| FabricError::Config(name.into()))?;
-    let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-        .map_err(|e| io(format!("creating memfd {name}"))(e.into()))?;
-    let file = File::from(fd);
-    file.set_len(map_len(len) as u64)
-        .map_err(io(format!("sizing memfd {name}")))?;
-    Ok(file)
-}
-
-fn peer(cfg: &GroupConfig, m: &join::Member) -> Result<Peer, FabricError> {
-    let map = |f: &File, len: usize, what: String| {
-        Mapping::map(f, len)
-            .map(Arc::new)
-            .map_err(|source| FabricError::Io {
-                op: format!("mapping {}'s {what}", m.rank),
-                source,
-            })
+/// What this node tells its peers: its pid, the inbox size and every region's id and length
+/// (checked against the layout), with the inbox, the eventfd and the region files attached.
+fn own_card(
+    cfg: &GroupConfig,
+    inbox: &File,
+    efd: &File,
+    memory: &[Arc<Memory>],
+) -> Result<Card, FabricError> {
+    let mut bytes = Vec::with_capacity(16 + 12 * memory.len());
+    bytes.extend_from_slice(&std::process::id().to_le_bytes());
+    bytes.extend_from_slice(&(inbox_len(cfg.nodes) as u64).to_le_bytes());
+    for m in memory {
+        bytes.extend_from_slice(&m.id().0.to_le_bytes());
+        bytes.extend_from_slice(&(m.len() as u64).to_le_bytes());
+    }
+    let dup = |fd: BorrowedFd<'_>| {
+        fd.try_clone_to_owned().map_err(FabricError::io(
+            "duplicating a memory file for the rendezvous",
+        ))
     };
+    let mut fds: Vec<OwnedFd> = vec![dup(inbox.as_fd())?, dup(efd.as_fd())?];
+    for m in memory {
+        fds.push(dup(m.fd())?);
+    }
+    Ok(Card { bytes, fds })
+}
+
+/// Runs the rendezvous on the Unix socket at `cfg.bootstrap`.
+fn gather(cfg: &GroupConfig, card: Card) -> Result<Vec<Member>, FabricError> {
+    let path = Path::new(&cfg.bootstrap);
+    if cfg.rank == NodeId(0) {
+        let listener = listen(path)?;
+        let result = rendezvous::form(cfg, BACKEND, &listener, card);
+        // The socket file is only for this rendezvous; nobody may join later.
+        let _ = std::fs::remove_file(path);
+        return result.map(|(members, _)| members);
+    }
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let conn = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            Err(e) => {
+                return Err(FabricError::io(format!(
+                    "connecting to the shm rendezvous at {}",
+                    path.display()
+                ))(e));
+            }
+        }
+    };
+    let label = path.display().to_string();
+    rendezvous::join(cfg, BACKEND, conn, &label, card).map(|(members, _)| members)
+}
+
+fn listen(path: &Path) -> Result<UnixListener, FabricError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(FabricError::Config(format!(
+                "the shm bootstrap path {} exists and is not a socket",
+                path.display()
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(FabricError::Config(format!(
+                "another group is bootstrapping at {}",
+                path.display()
+            )));
+        }
+        // A stale socket left by a dead group.
+        std::fs::remove_file(path).map_err(FabricError::io(format!(
+            "removing stale {}",
+            path.display()
+        )))?;
+    }
+    UnixListener::bind(path).map_err(FabricError::io(format!("listening on {}", path.display())))
+}
+
+fn own_peer(
+    cfg: &GroupConfig,
+    inbox: &File,
+    efd: &File,
+    memory: &[Arc<Memory>],
+) -> Result<Peer, FabricError> {
+    let inbox = Mapping::map(inbox, inbox_len(cfg.nodes))
+        .map_err(FabricError::io("mapping this node's inbox"))?;
     Ok(Peer {
-        rank: m.rank,
-        pid: m.pid,
-        inbox: map(&m.inbox, inbox_len(cfg.nodes), "inbox".into())?,
-        regions: cfg
-            .regions
-            .iter()
-            .zip(&m.regions)
-            .map(|(spec, f)| map(f, map_len(spec.len), spec.id.to_string()))
-            .collect::<Result<_, _>>()?,
-        link: PostLock::new(()),
-        done: AtomicU64::new(0),
+        rank: cfg.rank,
+        pid: std::process::id(),
+        regions: memory.to_vec(),
+        inbox: Arc::new(inbox),
+        efd: efd
+            .try_clone()
+            .map_err(FabricError::io("duplicating this node's eventfd"))?,
+        link: SpinLock::new(()),
         dead: AtomicBool::new(false),
+        cause: AtomicU8::new(0),
     })
 }
 
-/// Hashes the `WrId`s of the `fetched` table: they are unique integers, so a multiply and a
-/// fold spread them well enough, at a fraction of SipHash's cost on the `fetch_add` path.
-#[derive(Debug, Default)]
-struct WrHasher(u64);
-
-impl Hasher for WrHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
+/// Maps what a peer's card carries, checking it against the layout.
+fn peer(cfg: &GroupConfig, m: Member) -> Result<Peer, FabricError> {
+    let who = m.rank.to_string();
+    let bad = |reason: String| FabricError::Protocol {
+        peer: who.clone(),
+        reason,
+    };
+    let b = &m.card.bytes;
+    let expected = 12 + 12 * cfg.regions.len();
+    if b.len() != expected || m.card.fds.len() != 2 + cfg.regions.len() {
+        return Err(bad(format!(
+            "a card of {} bytes and {} descriptors, {expected} and {} expected",
+            b.len(),
+            m.card.fds.len(),
+            2 + cfg.regions.len()
+        )));
+    }
+    let pid = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+    let their_inbox = u64::from_le_bytes(b[4..12].try_into().expect("8 bytes"));
+    if their_inbox != inbox_len(cfg.nodes) as u64 {
+        return Err(bad(format!("an inbox of {their_inbox} bytes")));
+    }
+    let mut fds = m.card.fds.into_iter().map(File::from);
+    let inbox_file = fds.next().expect("count checked");
+    let efd = fds.next().expect("count checked");
+    let inbox = Mapping::map(&inbox_file, inbox_len(cfg.nodes))
+        .map_err(FabricError::io(format!("mapping {who}'s inbox")))?;
+    let mut regions = Vec::with_capacity(cfg.regions.len());
+    for (i, (spec, file)) in cfg.regions.iter().zip(fds).enumerate() {
+        let at = 12 + 12 * i;
+        let id = u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        let len = u64::from_le_bytes(b[at + 4..at + 12].try_into().expect("8 bytes"));
+        if id != spec.id.0 || len < spec.len as u64 {
+            return Err(bad(format!(
+                "entry {i} is region {id} of {len} bytes; the layout has {} of {}",
+                spec.id, spec.len
+            )));
         }
+        regions.push(Arc::new(Memory::from_file(spec.id, file)?));
     }
-
-    fn write_u64(&mut self, v: u64) {
-        let h = (self.0 ^ v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 32);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn dead(peer: NodeId) -> FabricError {
-    FabricError::PeerDead {
-        peer,
-        reason: "its heartbeat stopped (killed, stopped or gone)".into(),
-    }
+    Ok(Peer {
+        rank: m.rank,
+        pid,
+        regions,
+        inbox: Arc::new(inbox),
+        efd,
+        link: SpinLock::new(()),
+        dead: AtomicBool::new(false),
+        cause: AtomicU8::new(0),
+    })
 }
 
 impl Inner {
+    #[inline]
     fn peer(&self, p: NodeId) -> Result<&Peer, FabricError> {
         check_peer(p, self.peers.len())?;
-        Ok(&self.peers[usize::from(p.0)])
-    }
-
-    /// Grants are enforced at the source on shm (see the module doc).
-    fn check_grant(&self, peer: NodeId, dst: RemoteAddr, len: u64) -> Result<(), FabricError> {
-        let spec = self
-            .regions
-            .iter()
-            .find(|r| r.id == dst.region)
-            .ok_or(FabricError::UnknownRegion { region: dst.region })?;
-        if spec.permits(self.rank, dst.offset, len) {
-            return Ok(());
-        }
-        tracing::warn!(
-            "refused a write from {} to {peer}'s {} at offset {} ({len} bytes): outside its grants",
-            self.rank,
-            dst.region,
-            dst.offset
-        );
-        Err(FabricError::AccessDenied {
-            peer,
-            region: dst.region,
-            offset: dst.offset,
-            len,
-        })
-    }
-
-    fn post(&self, p: NodeId, op: Op<&[u8]>) -> Result<WrId, FabricError> {
-        let peer = self.peer(p)?;
-        let fetch = matches!(op, Op::FetchAdd { .. });
-        let _link = peer.link.lock();
+        let peer = &self.peers[p.index()];
+        // Acquire: pairs with `declare_dead`'s release of the cause before the flag.
         if peer.dead.load(Ordering::Acquire) {
-            return Err(dead(p));
+            return Err(FabricError::PeerDead {
+                peer: p,
+                cause: cause_of(peer.cause.load(Ordering::Relaxed)),
+            });
         }
+        Ok(peer)
+    }
+
+    /// This node's ring in `peer`'s inbox.
+    #[inline]
+    fn ring_to<'a>(&self, peer: &'a Peer) -> Ring<'a> {
+        Ring::at(&peer.inbox, ring_base(self.rank.index()))
+    }
+
+    #[inline]
+    fn counter(&self) -> u64 {
         // Taken under the link lock, so counters to one peer increase in posting order.
-        let counter = self.next_counter.fetch_add(1, Ordering::Relaxed);
-        let wr = WrCode::encode(counter, fetch, p);
-        if self.delay.is_zero() {
-            let fetched = self.execute(peer, &op)?;
-            if let Some(v) = fetched {
-                self.fetched.lock().insert(wr, v);
-            }
-            // Release: pairs with `wait`'s acquire load of `done`.
-            peer.done.store(counter, Ordering::Release);
-        } else {
-            // A bounded window of delayed bytes, as a link has: past it, help apply (which
-            // frees the window as operations fall due) instead of queueing without bound.
-            let mut start = None;
-            while self.delayed.bytes_in_flight() > DELAYED_BYTES_IN_FLIGHT {
-                self.help(false);
-                if start.get_or_insert_with(Instant::now).elapsed() > self.heartbeat_timeout {
-                    return Err(FabricError::Timeout {
-                        what: format!("room in the delayed-operation window to {p}"),
-                        waited: self.heartbeat_timeout,
-                    });
-                }
-                std::hint::spin_loop();
-            }
-            self.delayed.push(p, wr, op.to_owned(), self.delay);
-        }
-        Ok(wr)
+        self.next_counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Performs `op` on `peer`'s memory; the fetched value of a `fetch_add`.
-    fn execute<D: AsRef<[u8]>>(&self, peer: &Peer, op: &Op<D>) -> Result<Option<u64>, FabricError> {
-        match op {
-            Op::Write {
-                index,
-                offset,
-                data,
-                imm,
-            } => {
-                let data = data.as_ref();
-                if !data.is_empty() {
-                    peer.regions[*index].copy_in(*offset as usize, data);
-                }
-                // Release: the copy is visible before anything that follows it (the ring's
-                // tail store, the completion), pairing with the target's acquire loads.
-                fence(Ordering::Release);
-                if let Some(imm) = imm {
-                    self.push(peer, |r| r.push_doorbell(*imm))?;
-                }
-                Ok(None)
-            }
-            Op::FetchAdd { index, offset, add } => {
-                // SeqCst: a hardware `lock xadd`, ordered with every other node's.
-                let old = peer.regions[*index]
-                    .u64_at(*offset as usize)
-                    .fetch_add(*add, Ordering::SeqCst);
-                Ok(Some(old))
-            }
-            Op::Send { data } => {
-                self.push(peer, |r| r.push_message(data.as_ref()))?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Pushes onto this node's ring in `peer`'s inbox, waiting (bounded) while it is full,
-    /// then wakes the peer if it sleeps.
-    fn push(&self, peer: &Peer, f: impl Fn(&Ring<'_>) -> bool) -> Result<(), FabricError> {
-        let ring = Ring::at(&peer.inbox, ring_base(usize::from(self.rank.0)));
-        let mut start = None;
-        while !f(&ring) {
-            // Full: only now look at the clock (the common case makes no clock read).
-            let start = *start.get_or_insert_with(Instant::now);
-            if peer.dead.load(Ordering::Acquire) {
-                return Err(dead(peer.rank));
-            }
-            let waited = start.elapsed();
-            if waited > self.heartbeat_timeout {
-                return Err(FabricError::Timeout {
-                    what: format!("room in {}'s ring from {}", peer.rank, self.rank),
-                    waited,
-                });
-            }
-            if waited > SPIN {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-        // SeqCst: the entry was published by a SeqCst swap, so this load cannot pass it; it
-        // pairs with `recv`'s SeqCst increment of the sleeper count and fence before its last
-        // look at the rings: either we see the sleeper or it sees our entry.
-        if peer.inbox.u32_at(SLEEPERS).load(Ordering::SeqCst) > 0 {
-            peer.inbox.u32_at(WAKE).fetch_add(1, Ordering::Release);
-            peer.inbox.futex_wake(WAKE);
-        }
-        Ok(())
-    }
-
-    fn declare_dead(&self, p: usize, why: &str) {
+    fn declare_dead(&self, p: usize, cause: DeathCause) {
         let peer = &self.peers[p];
+        peer.cause.store(cause_code(cause), Ordering::Relaxed);
+        // Release: the cause is visible to whoever sees the flag.
         if !peer.dead.swap(true, Ordering::AcqRel) {
             tracing::warn!(
-                "{}: {} (pid {}) is dead: {why}",
+                "{}: {} (pid {}) is dead: {cause}",
                 self.rank,
                 peer.rank,
                 peer.pid
             );
-            let inbox = &self.peers[usize::from(self.rank.0)].inbox;
-            inbox.u32_at(WAKE).fetch_add(1, Ordering::Release);
-            inbox.futex_wake(WAKE);
-            let _g = lock(&self.completed.0);
-            self.completed.1.notify_all();
+            self.cq.fail_peer(peer.rank, cause);
+            self.notifier.notify();
         }
     }
 
     /// The heartbeat thread: beat, and watch every peer's beat.
     fn heartbeat(&self) {
-        let me = usize::from(self.rank.0);
-        let period = (self.heartbeat_timeout / 8).clamp(Duration::from_millis(1), MAX_SLEEP);
+        let me = self.rank.index();
+        let period =
+            (self.heartbeat_timeout / 8).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        let beat = |p: &Peer| p.inbox.u64_at(HEARTBEAT).load(Ordering::Relaxed);
         let mut last: Vec<(u64, Instant)> = self
             .peers
             .iter()
-            .map(|p| {
-                (
-                    p.inbox.u64_at(HEARTBEAT).load(Ordering::Relaxed),
-                    Instant::now(),
-                )
-            })
+            .map(|p| (beat(p), Instant::now()))
             .collect();
         let mut previous = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
@@ -552,148 +453,100 @@ impl Inner {
                 if p == me || self.peers[p].dead.load(Ordering::Relaxed) {
                     continue;
                 }
-                let beat = self.peers[p]
-                    .inbox
-                    .u64_at(HEARTBEAT)
-                    .load(Ordering::Relaxed);
-                if beat != seen.0 || !watched {
-                    *seen = (beat, now);
+                let b = beat(&self.peers[p]);
+                if b != seen.0 || !watched {
+                    *seen = (b, now);
                 } else if now.duration_since(seen.1) > self.heartbeat_timeout {
-                    self.declare_dead(p, "its heartbeat stopped");
+                    self.declare_dead(p, DeathCause::Silent);
                 }
             }
             std::thread::sleep(period);
         }
     }
 
-    /// The delay thread: a fallback that applies jobs when they fall due and no caller of
-    /// `recv` or `wait` is there to help (it sleeps rather than spins, so it costs no core).
-    fn run_delayed(&self) {
-        while !self.stop.load(Ordering::Acquire) {
-            self.delayed.sleep_until_due(&self.stop);
-            // Only jobs overdue by the slack, and only if no helper is at it: a fallback
-            // preempted while holding `exec` must not stall helpers that are on time.
-            let Ok(_exec) = self.delayed.exec.try_lock() else {
-                continue;
-            };
-            while let Some(job) = self.delayed.pop_due(None, FALLBACK_SLACK) {
-                self.run_job(job);
+    /// Pushes on this node's ring to `peer` and wakes it if it sleeps armed.
+    #[inline]
+    fn push(
+        &self,
+        peer: &Peer,
+        f: impl FnOnce(&Ring<'_>) -> Result<(), Refused>,
+    ) -> Result<(), FabricError> {
+        match f(&self.ring_to(peer)) {
+            Ok(()) => {
+                wake_if_armed(peer.inbox.u32_at(ARMED), &peer.efd);
+                Ok(())
             }
+            Err(Refused::NoCredit) => Err(FabricError::WouldBlock {
+                peer: peer.rank,
+                resource: Resource::ReceiveCredits,
+            }),
         }
     }
 
-    /// Runs every due delayed job now, from a thread that is waiting anyway (`recv`, `wait`),
-    /// unless another thread is at it. This is what makes short delays accurate. From `recv`
-    /// (`receiving`), a loopback push is left to others: it might wait for room in a ring only
-    /// this receiver drains.
-    fn help(&self, receiving: bool) {
-        if self.delay.is_zero() {
-            return;
-        }
-        let Ok(_exec) = self.delayed.exec.try_lock() else {
-            return;
-        };
-        let skip = receiving.then_some(self.rank);
-        while let Some(job) = self.delayed.pop_due(skip, Duration::ZERO) {
-            self.run_job(job);
-        }
-    }
-
-    fn run_job(&self, job: Job) {
-        match job {
-            Job::Apply { peer, wr, op } => {
-                let target = &self.peers[usize::from(peer.0)];
-                let result = if target.dead.load(Ordering::Acquire) {
-                    Err(dead(peer))
-                } else {
-                    self.execute(target, &op)
-                };
-                self.delayed.push_ack(peer, wr, result, self.delay);
-            }
-            Job::Ack { peer, wr, result } => {
-                match result {
-                    Ok(Some(v)) => {
-                        self.fetched.lock().insert(wr, v);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        lock(&self.failed).insert(wr, e);
-                    }
-                }
-                let counter = WrCode::decode(wr).counter;
-                // Release: pairs with `wait`'s acquire load of `done`.
-                self.peers[usize::from(peer.0)]
-                    .done
-                    .fetch_max(counter, Ordering::Release);
-                let _g = lock(&self.completed.0);
-                self.completed.1.notify_all();
-            }
-        }
-    }
-
-    fn poll_rings(&self, rx: &mut Receiver) -> Option<Result<Incoming, FabricError>> {
+    /// Takes what the rings hold into `out`, round robin across sources, then deaths.
+    fn poll_rings(&self, rx: &mut Receiver, out: &mut IncomingBatch) -> usize {
         let n = self.peers.len();
-        let inbox = &self.peers[usize::from(self.rank.0)].inbox;
-        // Round robin from `rx.next`, without a division (this runs on every poll).
-        let start = rx.next.min(n - 1);
-        for s in (start..n).chain(0..start) {
-            let ring = Ring::at(inbox, ring_base(s));
-            match ring.pop(&mut rx.read[s]) {
-                Ok(Some(entry)) => {
-                    rx.next = if s + 1 == n { 0 } else { s + 1 };
-                    if ring.unreleased(rx.read[s]) >= RELEASE_BYTES {
-                        ring.release(rx.read[s]);
+        let inbox = &self.peers[self.rank.index()].inbox;
+        let mut taken = 0;
+        'passes: loop {
+            let mut any = false;
+            // Round robin from `rx.next`, without a division (this runs on every poll).
+            let start = rx.next.min(n - 1);
+            for s in (start..n).chain(0..start) {
+                let ring = Ring::at(inbox, ring_base(s));
+                match ring.pop(&mut rx.read[s], self.peers[s].rank, out) {
+                    Ok(Popped::Taken) => {
+                        any = true;
+                        taken += 1;
+                        rx.next = if s + 1 == n { 0 } else { s + 1 };
+                        if ring.unreleased(&rx.read[s]) >= RELEASE_ENTRIES {
+                            ring.release(&rx.read[s]);
+                        }
                     }
-                    let from = self.peers[s].rank;
-                    return Some(Ok(match entry {
-                        Entry::Doorbell(imm) => Incoming::Doorbell { from, imm },
-                        Entry::Message(data) => Incoming::Message { from, data },
-                    }));
+                    Ok(Popped::Empty) => {}
+                    Ok(Popped::NoRoom) => break 'passes,
+                    Err(reason) => {
+                        tracing::warn!(
+                            "{}: damaged ring from {}: {reason}",
+                            self.rank,
+                            self.peers[s].rank
+                        );
+                        self.declare_dead(s, DeathCause::Protocol);
+                    }
                 }
-                Ok(None) => {}
-                Err(reason) => {
-                    tracing::warn!(
-                        "{}: damaged ring from {}: {reason}",
-                        self.rank,
-                        self.peers[s].rank
-                    );
-                    self.declare_dead(s, "it damaged its ring");
-                    rx.reported[s] = true;
-                    return Some(Err(FabricError::Protocol {
-                        peer: self.peers[s].rank.to_string(),
-                        reason,
-                    }));
-                }
+            }
+            if !any || !out.has_room(0) {
+                break;
             }
         }
         // Deaths are reported after everything the dead peer delivered (its ring is empty).
-        for (p, reported) in rx.reported.iter_mut().enumerate() {
-            if !*reported && self.peers[p].dead.load(Ordering::Acquire) {
-                *reported = true;
-                return Some(Err(dead(self.peers[p].rank)));
+        for p in 0..n {
+            if !out.has_room(0) {
+                break;
+            }
+            let peer = &self.peers[p];
+            if !rx.reported[p]
+                && peer.dead.load(Ordering::Acquire)
+                && (Ring::at(inbox, ring_base(p)).is_empty(&rx.read[p])
+                    || peer.cause.load(Ordering::Relaxed) == CAUSE_PROTOCOL)
+            {
+                rx.reported[p] = true;
+                out.push_dead(peer.rank, cause_of(peer.cause.load(Ordering::Relaxed)));
+                taken += 1;
             }
         }
-        None
+        taken
     }
 
-    /// Hands every ring's read space back to its producer (when nothing is waiting, so the
-    /// zeroing is off the fast path).
+    /// Hands every ring's read space and credits back to its producer.
     fn release_rings(&self, rx: &Receiver) {
-        let inbox = &self.peers[usize::from(self.rank.0)].inbox;
-        for (s, &read) in rx.read.iter().enumerate() {
+        let inbox = &self.peers[self.rank.index()].inbox;
+        for (s, read) in rx.read.iter().enumerate() {
             let ring = Ring::at(inbox, ring_base(s));
             if ring.unreleased(read) > 0 {
                 ring.release(read);
             }
         }
-    }
-
-    fn anything_pending(&self, rx: &Receiver) -> bool {
-        let inbox = &self.peers[usize::from(self.rank.0)].inbox;
-        (0..self.peers.len()).any(|s| {
-            !Ring::at(inbox, ring_base(s)).is_empty(rx.read[s])
-                || (!rx.reported[s] && self.peers[s].dead.load(Ordering::Acquire))
-        })
     }
 }
 
@@ -706,403 +559,143 @@ impl Fabric for ShmFabric {
         self.inner.peers.len()
     }
 
-    fn region(&self, id: RegionId) -> Result<&dyn LocalRegion, FabricError> {
-        self.inner
-            .own
+    fn memory(&self, region: RegionId) -> Result<&Memory, FabricError> {
+        let inner = &self.inner;
+        inner.peers[inner.rank.index()]
+            .regions
             .iter()
-            .find(|r| r.id == id)
-            .map(|r| r as &dyn LocalRegion)
-            .ok_or(FabricError::UnknownRegion { region: id })
+            .find(|m| m.id() == region)
+            .map(|m| &**m)
+            .ok_or(FabricError::UnknownRegion { region })
     }
 
-    fn post_write(&self, peer: NodeId, dst: RemoteAddr, data: &[u8]) -> Result<WrId, FabricError> {
-        self.post_write_inner(peer, dst, data, None)
-    }
-
-    fn post_write_imm(
+    #[inline]
+    fn post_write(
         &self,
         peer: NodeId,
         dst: RemoteAddr,
-        data: &[u8],
-        imm: u32,
+        src: Source<'_>,
+        imm: Option<u32>,
+        signal: Signal,
     ) -> Result<WrId, FabricError> {
-        self.post_write_inner(peer, dst, data, Some(imm))
+        let inner = &self.inner;
+        check_peer(peer, inner.peers.len())?;
+        let w = check_write(&inner.regions, dst, &src)?;
+        let bare = imm.is_some() && w.len == 0;
+        check_grant(
+            &inner.regions[w.dst_index],
+            inner.rank,
+            peer,
+            dst,
+            w.len,
+            bare,
+        )?;
+        let p = inner.peer(peer)?;
+        let _link = p.link.lock();
+        if signal == Signal::Always {
+            inner.cq.check_room(peer)?;
+        }
+        if imm.is_some() && !inner.ring_to(p).has_credit() {
+            return Err(FabricError::WouldBlock {
+                peer,
+                resource: Resource::ReceiveCredits,
+            });
+        }
+        let target = p.regions[w.dst_index].mapping();
+        match src {
+            Source::Region(s) => {
+                let from = &inner.peers[inner.rank.index()].regions
+                    [w.src_index.expect("a region source has an index")];
+                from.mapping().copy_to(
+                    s.offset as usize,
+                    target,
+                    dst.offset as usize,
+                    s.len as usize,
+                );
+            }
+            Source::Inline(bytes) => target.copy_in(dst.offset as usize, bytes),
+            Source::Empty => {}
+        }
+        // Release: the copy is visible before anything that follows it (the ring's header
+        // store, the completion), pairing with the target's acquire loads.
+        fence(Ordering::Release);
+        if let Some(imm) = imm {
+            inner.push(p, |r| r.push_doorbell(imm))?;
+        }
+        let counter = inner.counter();
+        inner.cq.immediate(peer, counter, signal, Status::Done);
+        Ok(WrCode::encode(counter, peer))
     }
 
     fn post_fetch_add(&self, peer: NodeId, dst: RemoteAddr, add: u64) -> Result<WrId, FabricError> {
         let inner = &self.inner;
         check_peer(peer, inner.peers.len())?;
         let index = check_word(&inner.regions, dst)?;
-        inner.check_grant(peer, dst, 8)?;
-        let op = Op::FetchAdd {
-            index,
-            offset: dst.offset,
-            add,
-        };
-        inner.post(peer, op)
+        check_grant(&inner.regions[index], inner.rank, peer, dst, 8, false)?;
+        let p = inner.peer(peer)?;
+        let _link = p.link.lock();
+        inner.cq.check_room(peer)?;
+        let old = p.regions[index].fetch_add_u64(dst.offset, add)?;
+        let counter = inner.counter();
+        inner
+            .cq
+            .immediate(peer, counter, Signal::Always, Status::Fetched(old));
+        Ok(WrCode::encode(counter, peer))
     }
 
-    fn post_send(&self, peer: NodeId, msg: &[u8]) -> Result<WrId, FabricError> {
-        check_peer(peer, self.inner.peers.len())?;
-        check_message(msg.len())?;
-        self.inner.post(peer, Op::Send { data: msg })
-    }
-
-    fn wait(&self, wr: WrId, timeout: Duration) -> Result<Completion, FabricError> {
+    fn credits(&self, peer: NodeId) -> Result<usize, FabricError> {
         let inner = &self.inner;
-        let code = WrCode::decode(wr);
-        if usize::from(code.peer.0) >= inner.peers.len()
-            || code.counter == 0
-            || code.counter >= inner.next_counter.load(Ordering::Relaxed)
-        {
-            return Err(FabricError::UnknownWr { wr });
-        }
-        let peer = &inner.peers[usize::from(code.peer.0)];
-        let mut start = None;
-        loop {
-            inner.help(false);
-            // Acquire: pairs with the release store of `done` after the effect.
-            if peer.done.load(Ordering::Acquire) >= code.counter {
-                // Only delayed operations fail after posting.
-                if !inner.delay.is_zero()
-                    && let Some(e) = lock(&inner.failed).remove(&wr)
-                {
-                    return Err(e);
-                }
-                let fetched = if code.fetch {
-                    Some(
-                        inner
-                            .fetched
-                            .lock()
-                            .remove(&wr)
-                            .ok_or(FabricError::UnknownWr { wr })?,
-                    )
-                } else {
-                    None
-                };
-                return Ok(Completion {
-                    wr,
-                    peer: code.peer,
-                    fetched,
-                });
-            }
-            if peer.dead.load(Ordering::Acquire) {
-                return Err(dead(code.peer));
-            }
-            let waited = start.get_or_insert_with(Instant::now).elapsed();
-            if waited >= timeout {
-                return Err(FabricError::Timeout {
-                    what: format!("completion of {wr:?} to {}", code.peer),
-                    waited,
-                });
-            }
-            if waited < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
-            let g = lock(&inner.completed.0);
-            if peer.done.load(Ordering::Acquire) < code.counter {
-                let _ = inner
-                    .completed
-                    .1
-                    .wait_timeout(g, (timeout - waited).min(MAX_SLEEP));
-            }
-        }
+        let p = inner.peer(peer)?;
+        let _link = p.link.lock();
+        Ok(inner.ring_to(p).credits())
     }
 
-    fn recv(&self, timeout: Duration) -> Result<Option<Incoming>, FabricError> {
-        let inner = &self.inner;
-        let inbox = &inner.peers[usize::from(inner.rank.0)].inbox;
-        let mut rx = inner.rx.lock();
-        inner.help(true);
-        if let Some(r) = inner.poll_rings(&mut rx) {
-            return r.map(Some);
-        }
-        // A poller (zero timeout) comes back at once. Read space is handed back every quarter
-        // ring (in `poll_rings`) and when idle (below), not on every empty poll: zeroing the
-        // entry just read would pull the cache line the producer writes next away from it.
-        if timeout.is_zero() {
-            return Ok(None);
-        }
-        let start = Instant::now();
-        loop {
-            // Poll a batch before looking at the clock: a reply is noticed within one poll.
-            for _ in 0..POLLS_PER_CLOCK {
-                inner.help(true);
-                if let Some(r) = inner.poll_rings(&mut rx) {
-                    return r.map(Some);
-                }
-                std::hint::spin_loop();
-            }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                inner.release_rings(&rx);
-                return Ok(None);
-            }
-            if waited < SPIN {
-                continue;
-            }
-            // Idle: hand the read space back before sleeping.
-            inner.release_rings(&rx);
-            let seq = inbox.u32_at(WAKE).load(Ordering::Acquire);
-            inbox.u32_at(SLEEPERS).fetch_add(1, Ordering::SeqCst);
-            // SeqCst fence: pairs with the producer's fence between publishing an entry and
-            // its sleeper check, so either it sees us sleeping or we see its entry.
-            fence(Ordering::SeqCst);
-            if !inner.anything_pending(&rx) {
-                inbox.futex_wait(WAKE, seq, (timeout - waited).min(MAX_SLEEP));
-            }
-            inbox.u32_at(SLEEPERS).fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-impl ShmFabric {
-    fn post_write_inner(
-        &self,
-        peer: NodeId,
-        dst: RemoteAddr,
-        data: &[u8],
-        imm: Option<u32>,
-    ) -> Result<WrId, FabricError> {
+    fn post_send(&self, peer: NodeId, msg: &[u8], signal: Signal) -> Result<WrId, FabricError> {
         let inner = &self.inner;
         check_peer(peer, inner.peers.len())?;
-        let index = check_range(&inner.regions, dst, data.len() as u64)?;
-        if !data.is_empty() {
-            inner.check_grant(peer, dst, data.len() as u64)?;
+        check_message(msg.len())?;
+        let p = inner.peer(peer)?;
+        let _link = p.link.lock();
+        if signal == Signal::Always {
+            inner.cq.check_room(peer)?;
         }
-        let op = Op::Write {
-            index,
-            offset: dst.offset,
-            data,
-            imm,
-        };
-        inner.post(peer, op)
-    }
-}
-
-/// Plain memory shared between processes of one host, outside any group: the raw primitive
-/// the shm backend is built on, for benchmarks that measure it beside the fabric. Another
-/// process maps the same memory by opening [`SharedMemory::proc_path`].
-#[derive(Debug)]
-pub struct SharedMemory {
-    map: Mapping,
-    file: File,
-}
-
-impl SharedMemory {
-    /// Fresh zeroed shared memory of at least `len` bytes.
-    pub fn create(name: &str, len: usize) -> Result<SharedMemory, FabricError> {
-        let file = memfd(name, len)?;
-        SharedMemory::from_file(file, len)
+        inner.push(p, |r| r.push_message(msg))?;
+        let counter = inner.counter();
+        inner.cq.immediate(peer, counter, signal, Status::Done);
+        Ok(WrCode::encode(counter, peer))
     }
 
-    /// Maps the shared memory another process created, by its [`SharedMemory::proc_path`].
-    pub fn open(path: &std::path::Path, len: usize) -> Result<SharedMemory, FabricError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| FabricError::Io {
-                op: format!("opening shared memory {}", path.display()),
-                source,
-            })?;
-        SharedMemory::from_file(file, len)
+    #[inline]
+    fn poll_completions(&self, out: &mut [Completion]) -> usize {
+        self.inner.cq.poll(out)
     }
 
-    fn from_file(file: File, len: usize) -> Result<SharedMemory, FabricError> {
-        let map = Mapping::map(&file, map_len(len)).map_err(|source| FabricError::Io {
-            op: "mapping shared memory".into(),
-            source,
-        })?;
-        Ok(SharedMemory { map, file })
+    fn poll_completion(&self, wr: WrId) -> Result<Option<Completion>, FabricError> {
+        self.inner.cq.poll_one(wr)
     }
 
-    /// A path under `/proc` through which another process of this host can open this memory
-    /// while this process lives.
-    pub fn proc_path(&self) -> std::path::PathBuf {
-        use std::os::fd::AsRawFd;
-        format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()).into()
+    #[inline]
+    fn poll_incoming(&self, out: &mut IncomingBatch) -> usize {
+        let inner = &self.inner;
+        let mut rx = inner.rx.lock();
+        inner.poll_rings(&mut rx, out)
     }
 
-    /// Bytes mapped.
-    pub fn len(&self) -> usize {
-        self.map.len()
+    fn notifier(&self) -> BorrowedFd<'_> {
+        self.inner.notifier.fd()
     }
 
-    /// Whether nothing is mapped (never: mappings are at least a page).
-    pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
-    }
-
-    /// The 64-bit word at `offset` (8-byte aligned, in range; panics otherwise).
-    pub fn word(&self, offset: usize) -> &AtomicU64 {
-        self.map.u64_at(offset)
-    }
-
-    /// Copies `data` in at `offset` (in range; panics otherwise).
-    pub fn copy_in(&self, offset: usize, data: &[u8]) {
-        self.map.copy_in(offset, data);
-    }
-}
-
-/// This node's copy of a region.
-#[derive(Debug)]
-struct ShmRegion {
-    id: RegionId,
-    len: usize,
-    map: Arc<Mapping>,
-}
-
-impl LocalRegion for ShmRegion {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), FabricError> {
-        let range = local_range(self.id, offset, buf.len(), self.len)?;
-        // Acquire: pairs with the writer's release fence, for reads ordered after a doorbell
-        // or a load of a word.
-        fence(Ordering::Acquire);
-        self.map.copy_out(range.start, buf);
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), FabricError> {
-        let range = local_range(self.id, offset, data.len(), self.len)?;
-        self.map.copy_in(range.start, data);
-        Ok(())
-    }
-
-    fn load_u64(&self, offset: u64) -> Result<u64, FabricError> {
-        if offset % 8 != 0 {
-            return Err(FabricError::Misaligned { offset });
+    fn arm_notifier(&self) {
+        let inner = &self.inner;
+        // Idle: hand space and credits back before sleeping, so producers are never starved
+        // by a consumer that sleeps.
+        if let Some(rx) = inner.rx.try_lock() {
+            inner.release_rings(&rx);
         }
-        let range = local_range(self.id, offset, 8, self.len)?;
-        // Acquire: pairs with the release after a remote write and with fetch_add.
-        Ok(self.map.u64_at(range.start).load(Ordering::Acquire))
-    }
-}
-
-/// Operations waiting for their injected delay, in due order.
-#[derive(Debug)]
-struct Delayed {
-    queue: Mutex<DelayQueue>,
-    wake: Condvar,
-    /// Held while running jobs, so they run one at a time, in due order.
-    exec: Mutex<()>,
-    /// Payload bytes of `Apply` jobs queued.
-    in_flight: AtomicU64,
-}
-
-#[derive(Debug)]
-struct DelayQueue {
-    jobs: BTreeMap<(Instant, u64), Job>,
-    next: u64,
-    /// Last due time per peer for effects and for acknowledgements, so each stays FIFO.
-    apply_due: Vec<Option<Instant>>,
-    ack_due: Vec<Option<Instant>>,
-}
-
-#[derive(Debug)]
-enum Job {
-    Apply {
-        peer: NodeId,
-        wr: WrId,
-        op: Op<Vec<u8>>,
-    },
-    Ack {
-        peer: NodeId,
-        wr: WrId,
-        result: Result<Option<u64>, FabricError>,
-    },
-}
-
-impl Delayed {
-    fn new(nodes: usize) -> Delayed {
-        Delayed {
-            queue: Mutex::new(DelayQueue {
-                jobs: BTreeMap::new(),
-                next: 0,
-                apply_due: vec![None; nodes],
-                ack_due: vec![None; nodes],
-            }),
-            wake: Condvar::new(),
-            exec: Mutex::new(()),
-            in_flight: AtomicU64::new(0),
-        }
+        inner.notifier.arm();
     }
 
-    fn schedule(&self, ack: bool, peer: NodeId, delay: Duration, job: Job) {
-        let mut q = lock(&self.queue);
-        let p = usize::from(peer.0);
-        let last = if ack {
-            &mut q.ack_due[p]
-        } else {
-            &mut q.apply_due[p]
-        };
-        let due = last.map_or(Instant::now() + delay, |l| l.max(Instant::now() + delay));
-        *last = Some(due);
-        let key = (due, q.next);
-        q.next += 1;
-        q.jobs.insert(key, job);
-        self.wake.notify_one();
-    }
-
-    fn push(&self, peer: NodeId, wr: WrId, op: Op<Vec<u8>>, delay: Duration) {
-        self.in_flight
-            .fetch_add(op.bytes() as u64, Ordering::Relaxed);
-        self.schedule(false, peer, delay, Job::Apply { peer, wr, op });
-    }
-
-    /// Payload bytes posted and not yet applied.
-    fn bytes_in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    fn push_ack(
-        &self,
-        peer: NodeId,
-        wr: WrId,
-        result: Result<Option<u64>, FabricError>,
-        delay: Duration,
-    ) {
-        self.schedule(true, peer, delay, Job::Ack { peer, wr, result });
-    }
-
-    /// Takes the first job if it is due (by `slack` already), unless it is an effect on `skip`'s memory (so that
-    /// the order of jobs is kept, the caller then stops).
-    fn pop_due(&self, skip: Option<NodeId>, slack: Duration) -> Option<Job> {
-        let mut q = lock(&self.queue);
-        let (&(due, _), job) = q.jobs.first_key_value()?;
-        if due + slack > Instant::now()
-            || matches!(job, Job::Apply { peer, .. } if Some(*peer) == skip)
-        {
-            return None;
-        }
-        let job = q.jobs.pop_first().map(|(_, j)| j);
-        if let Some(Job::Apply { op, .. }) = &job {
-            self.in_flight
-                .fetch_sub(op.bytes() as u64, Ordering::Relaxed);
-        }
-        job
-    }
-
-    /// Sleeps until the first job is overdue by `FALLBACK_SLACK` (or something is scheduled,
-    /// or `MAX_SLEEP` passed).
-    fn sleep_until_due(&self, stop: &AtomicBool) {
-        let q = lock(&self.queue);
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let wait = match q.jobs.keys().next() {
-            None => MAX_SLEEP,
-            Some(&(due, _)) => (due + FALLBACK_SLACK)
-                .saturating_duration_since(Instant::now())
-                .min(MAX_SLEEP),
-        };
-        if !wait.is_zero() {
-            let _ = self.wake.wait_timeout(q, wait);
-        }
+    fn spin_before_sleep(&self) -> Duration {
+        SPIN
     }
 }

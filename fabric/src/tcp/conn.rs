@@ -1,30 +1,28 @@
 //! One connection's sending side: who may write on the socket, and when.
 //!
 //! Three kinds of thread write on a connection: posters (the user's threads), the driver (the
-//! thread reading the sockets, see `mod.rs`: acknowledgements) and the connection's
-//! `fabric-tx-<peer>` helper (heartbeats, delayed frames, and acknowledgements the driver
-//! could not send at once).
+//! thread reading the sockets, see `driver.rs`: acknowledgements and credit returns) and the
+//! connection's `fabric-tx-<peer>` helper (heartbeats, and answers the driver could not send
+//! at once).
 //!
 //! **The driver never blocks on the socket.** If it did, two nodes sending much to each other
 //! could fill both directions while both drivers wait to send an ack, and neither would read
-//! again. So it appends its ack to the connection's backlog and, only if it gets the write
-//! lock without waiting, sends what the socket takes right now (`sys::send_nonblocking`);
-//! whatever remains is the helper's to send, blocking. A driver that is a thread in
-//! `recv`/`wait` may instead defer its acks (`reply(.., true)`): they then leave with that
-//! thread's next post to the peer, or at `flush_backlog`. Whoever next holds the write lock
-//! sends the backlog before anything else (in the same vectored write as its own frame), so a
-//! frame is never split by another.
+//! again. So it appends its answer to the connection's backlog and, only if it gets the write
+//! lock without waiting, sends what the socket takes right now; whatever remains is the
+//! helper's to send, blocking. A driver may instead defer its answers (`reply(.., true)`):
+//! they then leave with the next post to that peer (in the same system call) or at
+//! `flush_backlog`. Whoever next holds the write lock sends the backlog before anything else
+//! (in the same vectored write as its own frame), so a frame is never split by another.
 //!
-//! With an injected delay every frame is queued with its due time (post time + delay) and the
-//! helper writes it then: one-way latency, per-connection order kept, posting never blocked.
+//! Posters send payloads straight from registered memory (a vectored write over the
+//! mapping), so a write is never staged in a buffer of ours.
 //!
-//! Lock order: `out` (the write lock) before `tx` (backlog and delayed frames). The driver
-//! takes `tx` and then only *tries* `out`.
+//! Lock order: `out` (the write lock) before `backlog`. The driver takes `backlog` and then
+//! only *tries* `out`.
 
 #![forbid(unsafe_code)]
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -33,9 +31,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::NodeId;
+use crate::sys::{self, RawIo};
 use crate::wire::{HEADER_BYTES, Header, Kind};
-
-use super::sys;
 
 /// A connection's socket: TCP to a peer, or one end of the in-process loopback pair.
 #[derive(Debug)]
@@ -84,49 +81,41 @@ impl Read for Stream {
     }
 }
 
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+/// Writes every byte of `pieces` (blocking, bounded by the socket's send timeout).
+fn write_all(fd: BorrowedFd<'_>, pieces: &mut [RawIo]) -> io::Result<()> {
+    let mut first = 0;
+    while first < pieces.len() {
+        let mut n = sys::writev(fd, &pieces[first..], true)?;
+        if n == 0 && pieces[first..].iter().any(|p| p.len() > 0) {
+            return Err(io::ErrorKind::WriteZero.into());
         }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+        while first < pieces.len() && n >= pieces[first].len() {
+            n -= pieces[first].len();
+            first += 1;
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Writes every byte of `bufs` with vectored writes (header and payload in one system call).
-pub fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        if first < pieces.len() {
+            pieces[first] = pieces[first].advance(n);
         }
     }
     Ok(())
 }
 
+/// The writer's side of the socket, behind the write lock.
+#[derive(Debug)]
+struct Out {
+    stream: Stream,
+    /// The backlog's bytes are swapped into this buffer to be written, so neither side
+    /// allocates once both have grown.
+    spare: Vec<u8>,
+}
+
 /// What waits to be written, besides what posters write directly.
 #[derive(Debug, Default)]
-struct TxQueue {
-    /// Bytes that must go out before any other frame (acks not sent yet).
-    backlog: Vec<u8>,
-    /// Frames with their due times (only with an injected delay), in posting order.
-    delayed: VecDeque<(Instant, Vec<u8>)>,
-    /// The helper is writing frames it took out of this queue.
-    writing: bool,
+struct Backlog {
+    /// Answers not sent yet; they go out before any other frame.
+    bytes: Vec<u8>,
+    /// When the oldest of them was queued.
+    since: Option<Instant>,
 }
 
 /// The sending side of one connection.
@@ -135,20 +124,20 @@ pub struct Conn {
     pub peer: NodeId,
     /// Names the peer in logs and errors: rank and address.
     pub label: String,
-    delay: Duration,
     /// The write lock; whoever holds it sends the backlog first.
-    out: Mutex<Stream>,
+    out: Mutex<Out>,
     /// A handle for shutting the socket down without the write lock.
     ctl: Stream,
-    tx: Mutex<TxQueue>,
-    tx_cv: Condvar,
+    backlog: Mutex<Backlog>,
+    /// Wakes the helper.
+    helper_cv: Condvar,
     closed: AtomicBool,
 }
 
 /// The write lock, held while a poster sends its frames (so they stay in posting order).
 pub struct Sending<'a> {
     conn: &'a Conn,
-    out: MutexGuard<'a, Stream>,
+    out: MutexGuard<'a, Out>,
 }
 
 impl std::fmt::Debug for Sending<'_> {
@@ -158,16 +147,18 @@ impl std::fmt::Debug for Sending<'_> {
 }
 
 impl Conn {
-    pub fn new(peer: NodeId, label: String, stream: Stream, delay: Duration) -> io::Result<Conn> {
+    pub fn new(peer: NodeId, label: String, stream: Stream) -> io::Result<Conn> {
         let ctl = stream.try_clone()?;
         Ok(Conn {
             peer,
             label,
-            delay,
-            out: Mutex::new(stream),
+            out: Mutex::new(Out {
+                stream,
+                spare: Vec::new(),
+            }),
             ctl,
-            tx: Mutex::new(TxQueue::default()),
-            tx_cv: Condvar::new(),
+            backlog: Mutex::new(Backlog::default()),
+            helper_cv: Condvar::new(),
             closed: AtomicBool::new(false),
         })
     }
@@ -191,30 +182,24 @@ impl Conn {
         // already shut down, so it will not wait on it.
         self.closed.store(true, Ordering::Release);
         self.ctl.shutdown();
-        self.tx_cv.notify_all();
+        self.helper_cv.notify_all();
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn queue(&self) -> MutexGuard<'_, TxQueue> {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner())
+    fn queue(&self) -> MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends an answer from the receive side without ever blocking on the socket. `defer`
-    /// only queues it (for a thread in `recv`/`wait`, which usually posts to this peer soon:
-    /// the answer then leaves in the same system call; see `flush_backlog` for the bounds).
+    /// only queues it (it then leaves with the next post to this peer, or at
+    /// `flush_backlog`, which the driver calls before it next waits).
     pub fn reply(&self, header: &Header, defer: bool) -> io::Result<()> {
-        let bytes = header.encode();
         let mut q = self.queue();
-        if !self.delay.is_zero() {
-            q.delayed
-                .push_back((Instant::now() + self.delay, bytes.to_vec()));
-            self.tx_cv.notify_all();
-            return Ok(());
-        }
-        q.backlog.extend_from_slice(&bytes);
+        q.bytes.extend_from_slice(&header.encode());
+        q.since.get_or_insert_with(Instant::now);
         if defer {
             return Ok(());
         }
@@ -225,31 +210,34 @@ impl Conn {
     /// helper's to send).
     pub fn flush_backlog(&self) -> io::Result<()> {
         let q = self.queue();
-        if q.backlog.is_empty() || !self.delay.is_zero() {
+        if q.bytes.is_empty() {
             return Ok(());
         }
         self.send_backlog(q)
     }
 
-    fn send_backlog(&self, mut q: MutexGuard<'_, TxQueue>) -> io::Result<()> {
+    /// How long the oldest deferred answer has waited.
+    pub fn backlog_age(&self) -> Option<Duration> {
+        self.queue().since.map(|t| t.elapsed())
+    }
+
+    fn send_backlog(&self, mut q: MutexGuard<'_, Backlog>) -> io::Result<()> {
         if let Ok(out) = self.out.try_lock() {
-            let n = sys::send_nonblocking(out.fd(), &q.backlog)?;
-            q.backlog.drain(..n);
+            let n = sys::writev(out.stream.fd(), &[RawIo::slice(&q.bytes)], false)?;
+            q.bytes.drain(..n);
+            if q.bytes.is_empty() {
+                q.since = None;
+            }
         }
-        if !q.backlog.is_empty() {
-            self.tx_cv.notify_all();
+        if !q.bytes.is_empty() {
+            self.helper_cv.notify_all();
         }
         Ok(())
     }
 
-    /// The helper's loop: heartbeats every `heartbeat`, the backlog, delayed frames at their
-    /// due times. Returns when the connection is closed or a write fails (the error).
+    /// The helper's loop: a heartbeat every `heartbeat`, and the backlog, blocking. Returns
+    /// when the connection is closed, or the error of a write that failed.
     pub fn run_helper(&self, heartbeat: Duration) -> io::Result<()> {
-        if !self.delay.is_zero() {
-            // Delayed frames are due at precise instants: the default 50 us timer slack
-            // would add up to that much to every delayed hop.
-            sys::tighten_timer_slack();
-        }
         let mut next_beat = Instant::now();
         loop {
             let mut q = self.queue();
@@ -258,106 +246,94 @@ impl Conn {
                     return Ok(());
                 }
                 let now = Instant::now();
-                let due = q.delayed.front().is_some_and(|(t, _)| *t <= now);
-                if !q.backlog.is_empty() || due || now >= next_beat {
+                if !q.bytes.is_empty() || now >= next_beat {
                     break;
                 }
-                let mut wake = next_beat;
-                if let Some((t, _)) = q.delayed.front() {
-                    wake = wake.min(*t);
-                }
                 let (g, _) = self
-                    .tx_cv
-                    .wait_timeout(q, wake.saturating_duration_since(now))
+                    .helper_cv
+                    .wait_timeout(q, next_beat - now)
                     .unwrap_or_else(|p| p.into_inner());
                 q = g;
             }
             drop(q);
             let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
             let mut q = self.queue();
-            let backlog = std::mem::take(&mut q.backlog);
-            let now = Instant::now();
-            let mut frames = Vec::new();
-            while q.delayed.front().is_some_and(|(t, _)| *t <= now) {
-                if let Some((_, frame)) = q.delayed.pop_front() {
-                    frames.push(frame);
-                }
-            }
-            q.writing = true;
+            let Out { stream, spare } = &mut *out;
+            spare.clear();
+            std::mem::swap(spare, &mut q.bytes);
+            q.since = None;
             drop(q);
+            let now = Instant::now();
             let beat = now >= next_beat;
             if beat {
                 next_beat = now + heartbeat;
             }
-            let written = (|| {
-                out.write_all(&backlog)?;
-                for f in &frames {
-                    out.write_all(f)?;
-                }
-                if beat {
-                    out.write_all(&Header::new(Kind::Heartbeat).encode())?;
-                }
-                Ok::<(), io::Error>(())
-            })();
-            drop(out);
-            self.queue().writing = false;
-            // Wakes `flush` waiting for the queue to empty.
-            self.tx_cv.notify_all();
-            written?;
+            let hb = Header::new(Kind::Heartbeat).encode();
+            let hb: &[u8] = if beat { &hb } else { &[] };
+            write_all(stream.fd(), &mut [RawIo::slice(spare), RawIo::slice(hb)])?;
         }
     }
 
-    /// Waits (at most `bound`) until every queued frame (backlog and delayed frames, at their
-    /// due times) was handed to the socket, so closing does not swallow acks already made.
+    /// Waits (at most `bound`) until the backlog was handed to the socket, so closing does not
+    /// swallow answers already made.
     pub fn flush(&self, bound: Duration) {
         let deadline = Instant::now() + bound;
-        let mut q = self.queue();
-        loop {
-            let idle = q.backlog.is_empty() && q.delayed.is_empty() && !q.writing;
-            if idle || self.is_closed() {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            self.tx_cv.notify_all();
-            q = self
-                .tx_cv
-                .wait_timeout(q, (deadline - now).min(Duration::from_millis(10)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        while !self.queue().bytes.is_empty() && !self.is_closed() && Instant::now() < deadline {
+            self.helper_cv.notify_all();
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
 
 impl Sending<'_> {
-    /// Sends one frame in posting order (after any backlog), or queues it for its due time
-    /// when a delay is injected (copying the payload, so the caller may reuse it at once).
-    pub fn send(&mut self, header: &Header, payload: &[u8]) -> io::Result<()> {
+    /// Sends one frame in posting order, after any backlog, in one system call when the
+    /// socket takes it: the header, then `payload` (bytes of a slice or of registered memory,
+    /// which the caller keeps alive and unchanged for the call).
+    pub fn send(&mut self, header: &Header, payload: RawIo) -> io::Result<()> {
         let conn = self.conn;
         if conn.is_closed() {
             return Err(io::ErrorKind::NotConnected.into());
         }
-        let head = header.encode();
-        if !conn.delay.is_zero() {
-            let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len());
-            frame.extend_from_slice(&head);
-            frame.extend_from_slice(payload);
+        let head: [u8; HEADER_BYTES] = header.encode();
+        let Out { stream, spare } = &mut *self.out;
+        spare.clear();
+        {
             let mut q = conn.queue();
-            q.delayed.push_back((Instant::now() + conn.delay, frame));
-            conn.tx_cv.notify_all();
-            return Ok(());
+            std::mem::swap(spare, &mut q.bytes);
+            q.since = None;
         }
-        // Answers queued before this frame leave with it, in one system call.
-        let backlog = std::mem::take(&mut conn.queue().backlog);
-        write_all_vectored(
-            &mut *self.out,
-            &mut [
-                IoSlice::new(&backlog),
-                IoSlice::new(&head),
-                IoSlice::new(payload),
-            ],
+        write_all(
+            stream.fd(),
+            &mut [RawIo::slice(spare), RawIo::slice(&head), payload],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::decode_all;
+
+    #[test]
+    fn deferred_answers_leave_before_the_next_frame_in_order() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let conn = Conn::new(NodeId(1), "peer".into(), Stream::Unix(a)).unwrap();
+        let mut ack = Header::new(Kind::Ack);
+        ack.wr = 7;
+        conn.reply(&ack, true).unwrap();
+        assert!(conn.backlog_age().is_some());
+        let mut w = Header::new(Kind::Write);
+        w.len = 3;
+        conn.lock().send(&w, RawIo::slice(b"abc")).unwrap();
+        assert!(conn.backlog_age().is_none());
+        let mut got = vec![0u8; 2 * HEADER_BYTES + 3];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(decode_all(&got).0, 2);
+        assert_eq!(
+            Header::decode(got[..HEADER_BYTES].try_into().unwrap())
+                .unwrap()
+                .wr,
+            7
+        );
     }
 }
