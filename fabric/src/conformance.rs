@@ -106,7 +106,10 @@ pub const GROUP_CHECKS: &[(&str, Check)] = &[
         "receive_credits_are_back_pressure",
         receive_credits_are_back_pressure,
     ),
-    ("the_notifier_wakes_a_sleeper", the_notifier_wakes_a_sleeper),
+    (
+        "the_notifier_wakes_an_epoll_sleeper",
+        the_notifier_wakes_a_sleeper,
+    ),
 ];
 
 /// Runs every check of [`GROUP_CHECKS`] in order; the first failure, prefixed by its name.
@@ -988,14 +991,27 @@ pub fn receive_credits_are_back_pressure(group: &[Arc<dyn Fabric>]) -> Result<()
     no_failures(src)
 }
 
-/// The notifier wakes a thread sleeping on it (`poll`, as an event loop would with epoll)
-/// when a doorbell arrives, after the arm-then-poll-again protocol.
+/// The notifier wakes a thread sleeping in `epoll` on it beside another descriptor (as a
+/// node's event loop sleeps on the fabric, a pidfd and a signalfd), when a doorbell arrives,
+/// after the arm-then-poll-again protocol; the other descriptor stays quiet.
 pub fn the_notifier_wakes_a_sleeper(group: &[Arc<dyn Fabric>]) -> Result<(), String> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use nix::sys::eventfd::{EfdFlags, EventFd};
     check_group(group)?;
     let (src, dst) = (&*group[0], &*group[1]);
+    fn fail(what: &'static str) -> impl Fn(nix::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    let other = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).map_err(fail("an eventfd"))?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(fail("epoll_create"))?;
+    epoll
+        .add(dst.notifier(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+        .and_then(|()| epoll.add(&other, EpollEvent::new(EpollFlags::EPOLLIN, 2)))
+        .map_err(fail("epoll_ctl"))?;
     std::thread::scope(|s| {
         let sleeper = s.spawn(|| {
             let mut batch = IncomingBatch::new(4);
+            let mut events = [EpollEvent::empty(); 4];
             let deadline = Instant::now() + CHECK_DEADLINE;
             loop {
                 if Instant::now() > deadline {
@@ -1006,7 +1022,12 @@ pub fn the_notifier_wakes_a_sleeper(group: &[Arc<dyn Fabric>]) -> Result<(), Str
                 if dst.poll_incoming(&mut batch) > 0 {
                     break;
                 }
-                crate::sleep_on(dst.notifier(), Duration::from_millis(50));
+                let n = epoll
+                    .wait(&mut events, EpollTimeout::from(50u16))
+                    .map_err(fail("epoll_wait"))?;
+                if events[..n].iter().any(|e| e.data() == 2) {
+                    return Err("the other descriptor woke the loop".into());
+                }
                 if dst.poll_incoming(&mut batch) > 0 {
                     break;
                 }
