@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::notifier::Notifier;
-use crate::sys::SpinLock;
+use crate::sys::{SpinGuard, SpinLock};
 use crate::wr_code::WrCode;
 use crate::{
     COMPLETION_QUEUE_DEPTH, Completion, DeathCause, FabricError, NodeId, Resource, SEND_WINDOW,
@@ -62,6 +62,24 @@ enum Take {
     Unknown,
 }
 
+/// Room for one completion, held under the queue's lock (see [`Cq::reserve`]).
+pub(crate) struct Slot<'a> {
+    cq: &'a Cq,
+    st: SpinGuard<'a, State>,
+    peer: NodeId,
+}
+
+impl Slot<'_> {
+    /// Queues the completion of operation `counter`.
+    #[inline]
+    pub fn complete(mut self, counter: u64, status: Status) {
+        Cq::push(&mut self.st, self.peer, counter, status);
+        let cq = self.cq;
+        drop(self);
+        cq.notifier.notify();
+    }
+}
+
 impl Cq {
     pub fn new(nodes: usize, notifier: Arc<Notifier>) -> Cq {
         Cq {
@@ -91,11 +109,6 @@ impl Cq {
         Ok(())
     }
 
-    /// Whether one more operation to `peer` may be posted now.
-    pub fn check_room(&self, peer: NodeId) -> Result<(), FabricError> {
-        Cq::room(&self.state.lock(), peer)
-    }
-
     /// Records a posted operation that completes later (in posting order per peer). The
     /// caller numbers operations to one peer in increasing order under its own link lock.
     pub fn begin(&self, peer: NodeId, counter: u64, signal: Signal) -> Result<(), FabricError> {
@@ -108,17 +121,14 @@ impl Cq {
         Ok(())
     }
 
-    /// Records an operation that completed at posting with `status` (room was checked by the
-    /// caller with `check_room` under the same link lock).
+    /// For an operation to `peer` that completes at posting (shm) and is signalled: checks
+    /// room and holds the queue until [`Slot::complete`] queues its completion, so the post
+    /// takes the queue's lock once.
     #[inline]
-    pub fn immediate(&self, peer: NodeId, counter: u64, signal: Signal, status: Status) {
-        if signal == Signal::OnError && matches!(status, Status::Done | Status::Fetched(_)) {
-            return;
-        }
-        let mut st = self.state.lock();
-        Cq::push(&mut st, peer, counter, status);
-        drop(st);
-        self.notifier.notify();
+    pub fn reserve(&self, peer: NodeId) -> Result<Slot<'_>, FabricError> {
+        let st = self.state.lock();
+        Cq::room(&st, peer)?;
+        Ok(Slot { cq: self, st, peer })
     }
 
     fn push(st: &mut State, peer: NodeId, counter: u64, status: Status) {
@@ -225,6 +235,12 @@ impl Cq {
         if code.peer.index() >= st.peers.len() {
             return Take::Unknown;
         }
+        // The completion waited for is most often the newest.
+        if st.ready.back().is_some_and(|c| c.wr == wr) {
+            let c = st.ready.pop_back().expect("back exists");
+            st.peers[c.peer.index()].waiting -= 1;
+            return Take::Ready(c);
+        }
         if let Some(i) = st.ready.iter().position(|c| c.wr == wr) {
             let c = st.ready.remove(i).expect("position is in range");
             st.peers[c.peer.index()].waiting -= 1;
@@ -297,12 +313,12 @@ mod tests {
         ));
         q.complete_through(p, SEND_WINDOW as u64, Status::Done);
         // Completed but not taken: still owed.
-        assert!(q.check_room(p).is_err());
+        assert!(q.reserve(p).is_err());
         let mut out = vec![Completion::EMPTY; SEND_WINDOW];
         assert_eq!(q.poll(&mut out), SEND_WINDOW);
-        q.check_room(p).unwrap();
+        assert!(q.reserve(p).is_ok());
         // Other peers were never blocked.
-        q.check_room(NodeId(0)).unwrap();
+        assert!(q.reserve(NodeId(0)).is_ok());
     }
 
     #[test]

@@ -106,10 +106,11 @@ struct Inner {
     regions: Vec<RegionSpec>,
     heartbeat_timeout: Duration,
     peers: Vec<Peer>,
-    next_counter: AtomicU64,
     cq: Cq,
     notifier: Arc<Notifier>,
     rx: SpinLock<Receiver>,
+    /// Peers declared dead so far, so a poll looks for deaths to report only when it grew.
+    deaths: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -122,8 +123,9 @@ struct Peer {
     inbox: Arc<Mapping>,
     /// The peer's notifier, written when it sleeps armed.
     efd: File,
-    /// Serialises posts to this peer, so they take effect in posting order.
-    link: SpinLock<()>,
+    /// Serialises posts to this peer, so they take effect in posting order; holds the next
+    /// work-request counter to it.
+    link: SpinLock<u64>,
     dead: AtomicBool,
     /// Why it died (a `Cause` code), once `dead`.
     cause: AtomicU8,
@@ -137,6 +139,8 @@ struct Receiver {
     read: Vec<ReadPos>,
     /// Deaths already reported by `poll_incoming`.
     reported: Vec<bool>,
+    /// `deaths` when every death up to it was reported.
+    deaths_reported: u64,
 }
 
 const CAUSE_SILENT: u8 = 1;
@@ -195,14 +199,15 @@ impl ShmFabric {
             regions: cfg.regions.clone(),
             heartbeat_timeout: cfg.heartbeat_timeout,
             peers,
-            next_counter: AtomicU64::new(1),
             cq: Cq::new(n, Arc::clone(&notifier)),
             notifier,
             rx: SpinLock::new(Receiver {
                 next: 0,
-                read: vec![ReadPos::default(); n],
+                read: (0..n).map(|s| ReadPos::at_base(ring_base(s))).collect(),
                 reported: vec![false; n],
+                deaths_reported: 0,
             }),
+            deaths: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let hb = Arc::clone(&inner);
@@ -326,7 +331,7 @@ fn own_peer(
         efd: efd
             .try_clone()
             .map_err(FabricError::io("duplicating this node's eventfd"))?,
-        link: SpinLock::new(()),
+        link: SpinLock::new(1),
         dead: AtomicBool::new(false),
         cause: AtomicU8::new(0),
     })
@@ -378,7 +383,7 @@ fn peer(cfg: &GroupConfig, m: Member) -> Result<Peer, FabricError> {
         regions,
         inbox: Arc::new(inbox),
         efd,
-        link: SpinLock::new(()),
+        link: SpinLock::new(1),
         dead: AtomicBool::new(false),
         cause: AtomicU8::new(0),
     })
@@ -405,10 +410,22 @@ impl Inner {
         Ring::at(&peer.inbox, ring_base(self.rank.index()))
     }
 
+    /// Numbers a post that took effect (under its link lock, so counters to one peer increase
+    /// in posting order) and queues its completion if it is signalled.
     #[inline]
-    fn counter(&self) -> u64 {
-        // Taken under the link lock, so counters to one peer increase in posting order.
-        self.next_counter.fetch_add(1, Ordering::Relaxed)
+    fn complete(
+        &self,
+        next: &mut u64,
+        peer: NodeId,
+        slot: Option<crate::cq::Slot<'_>>,
+        status: Status,
+    ) -> WrId {
+        let counter = *next;
+        *next += 1;
+        if let Some(slot) = slot {
+            slot.complete(counter, status);
+        }
+        WrCode::encode(counter, peer)
     }
 
     fn declare_dead(&self, p: usize, cause: DeathCause) {
@@ -423,6 +440,8 @@ impl Inner {
                 peer.pid
             );
             self.cq.fail_peer(peer.rank, cause);
+            // Release: pairs with the poll's acquire, after the flag.
+            self.deaths.fetch_add(1, Ordering::Release);
             self.notifier.notify();
         }
     }
@@ -487,24 +506,46 @@ impl Inner {
     fn poll_rings(&self, rx: &mut Receiver, out: &mut IncomingBatch) -> usize {
         let n = self.peers.len();
         let inbox = &self.peers[self.rank.index()].inbox;
+        let start = rx.next.min(n - 1);
+        // The common case on a busy poller: nothing anywhere, seen with one load per ring.
+        // What is waiting is noted (for the first 64 sources; past them, every ring is looked
+        // at again below).
+        let mut waiting = 0u64;
+        for (s, r) in rx.read.iter().enumerate() {
+            if r.waiting(inbox) {
+                waiting |= 1 << s.min(63);
+            }
+        }
+        let deaths = self.deaths.load(Ordering::Acquire);
+        if waiting == 0 && deaths == rx.deaths_reported {
+            return 0;
+        }
         let mut taken = 0;
-        'passes: loop {
-            let mut any = false;
-            // Round robin from `rx.next`, without a division (this runs on every poll).
-            let start = rx.next.min(n - 1);
-            for s in (start..n).chain(0..start) {
-                let ring = Ring::at(inbox, ring_base(s));
-                match ring.pop(&mut rx.read[s], self.peers[s].rank, out) {
+        // One pass, round robin from `rx.next` (for fairness across sources), draining each
+        // ring while the batch has room; no division on this path (it runs on every poll).
+        'rings: for k in 0..n {
+            let s = if start + k < n {
+                start + k
+            } else {
+                start + k - n
+            };
+            if waiting & (1 << s.min(63)) == 0 {
+                continue;
+            }
+            let ring = Ring::at(inbox, ring_base(s));
+            let read = &mut rx.read[s];
+            let from = self.peers[s].rank;
+            loop {
+                match ring.pop(read, from, out) {
                     Ok(Popped::Taken) => {
-                        any = true;
                         taken += 1;
                         rx.next = if s + 1 == n { 0 } else { s + 1 };
-                        if ring.unreleased(&rx.read[s]) >= RELEASE_ENTRIES {
-                            ring.release(&rx.read[s]);
+                        if ring.unreleased(read) >= RELEASE_ENTRIES {
+                            ring.release(read);
                         }
                     }
-                    Ok(Popped::Empty) => {}
-                    Ok(Popped::NoRoom) => break 'passes,
+                    Ok(Popped::Empty) => break,
+                    Ok(Popped::NoRoom) => break 'rings,
                     Err(reason) => {
                         tracing::warn!(
                             "{}: damaged ring from {}: {reason}",
@@ -512,19 +553,22 @@ impl Inner {
                             self.peers[s].rank
                         );
                         self.declare_dead(s, DeathCause::Protocol);
+                        break;
                     }
                 }
             }
-            if !any || !out.has_room(0) {
-                break;
-            }
         }
         // Deaths are reported after everything the dead peer delivered (its ring is empty).
+        if deaths == rx.deaths_reported {
+            return taken;
+        }
+        let mut all_reported = true;
         for p in 0..n {
+            let peer = &self.peers[p];
             if !out.has_room(0) {
+                all_reported = false;
                 break;
             }
-            let peer = &self.peers[p];
             if !rx.reported[p]
                 && peer.dead.load(Ordering::Acquire)
                 && (Ring::at(inbox, ring_base(p)).is_empty(&rx.read[p])
@@ -534,6 +578,10 @@ impl Inner {
                 out.push_dead(peer.rank, cause_of(peer.cause.load(Ordering::Relaxed)));
                 taken += 1;
             }
+            all_reported &= rx.reported[p] || !peer.dead.load(Ordering::Relaxed);
+        }
+        if all_reported {
+            rx.deaths_reported = deaths;
         }
         taken
     }
@@ -591,11 +639,14 @@ impl Fabric for ShmFabric {
             bare,
         )?;
         let p = inner.peer(peer)?;
-        let _link = p.link.lock();
-        if signal == Signal::Always {
-            inner.cq.check_room(peer)?;
-        }
-        if imm.is_some() && !inner.ring_to(p).has_credit() {
+        let mut link = p.link.lock();
+        let slot = match signal {
+            Signal::Always => Some(inner.cq.reserve(peer)?),
+            Signal::OnError => None,
+        };
+        // A write with a doorbell needs its credit before its bytes land (a post that fails
+        // has no effect); a bare doorbell's push checks it itself.
+        if imm.is_some() && w.len > 0 && !inner.ring_to(p).has_credit() {
             return Err(FabricError::WouldBlock {
                 peer,
                 resource: Resource::ReceiveCredits,
@@ -622,9 +673,7 @@ impl Fabric for ShmFabric {
         if let Some(imm) = imm {
             inner.push(p, |r| r.push_doorbell(imm))?;
         }
-        let counter = inner.counter();
-        inner.cq.immediate(peer, counter, signal, Status::Done);
-        Ok(WrCode::encode(counter, peer))
+        Ok(inner.complete(&mut link, peer, slot, Status::Done))
     }
 
     fn post_fetch_add(&self, peer: NodeId, dst: RemoteAddr, add: u64) -> Result<WrId, FabricError> {
@@ -633,14 +682,10 @@ impl Fabric for ShmFabric {
         let index = check_word(&inner.regions, dst)?;
         check_grant(&inner.regions[index], inner.rank, peer, dst, 8, false)?;
         let p = inner.peer(peer)?;
-        let _link = p.link.lock();
-        inner.cq.check_room(peer)?;
+        let mut link = p.link.lock();
+        let slot = inner.cq.reserve(peer)?;
         let old = p.regions[index].fetch_add_u64(dst.offset, add)?;
-        let counter = inner.counter();
-        inner
-            .cq
-            .immediate(peer, counter, Signal::Always, Status::Fetched(old));
-        Ok(WrCode::encode(counter, peer))
+        Ok(inner.complete(&mut link, peer, Some(slot), Status::Fetched(old)))
     }
 
     fn credits(&self, peer: NodeId) -> Result<usize, FabricError> {
@@ -655,14 +700,13 @@ impl Fabric for ShmFabric {
         check_peer(peer, inner.peers.len())?;
         check_message(msg.len())?;
         let p = inner.peer(peer)?;
-        let _link = p.link.lock();
-        if signal == Signal::Always {
-            inner.cq.check_room(peer)?;
-        }
+        let mut link = p.link.lock();
+        let slot = match signal {
+            Signal::Always => Some(inner.cq.reserve(peer)?),
+            Signal::OnError => None,
+        };
         inner.push(p, |r| r.push_message(msg))?;
-        let counter = inner.counter();
-        inner.cq.immediate(peer, counter, signal, Status::Done);
-        Ok(WrCode::encode(counter, peer))
+        Ok(inner.complete(&mut link, peer, slot, Status::Done))
     }
 
     #[inline]

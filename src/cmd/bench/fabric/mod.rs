@@ -407,6 +407,8 @@ fn poll(ep: &dyn Fabric, batch: &mut IncomingBatch) -> anyhow::Result<Option<Hea
         for _ in 0..POLLS_PER_CLOCK {
             batch.clear();
             if ep.poll_incoming(batch) == 0 {
+                // As the raw loop does: a spinning poller tells the core it spins.
+                std::hint::spin_loop();
                 continue;
             }
             let item = batch.iter().next().expect("one item");
