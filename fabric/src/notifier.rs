@@ -91,6 +91,11 @@ impl Notifier {
         self.armed.word().store(1, Ordering::SeqCst);
     }
 
+    /// Whether the owner armed and has not been woken since (it is about to sleep, or sleeps).
+    pub fn is_armed(&self) -> bool {
+        self.armed.word().load(Ordering::SeqCst) != 0
+    }
+
     /// Called after publishing something the owner polls for.
     #[inline]
     pub fn notify(&self) {

@@ -157,10 +157,16 @@ impl Shared {
                 return;
             }
         };
+        // A caller that armed its notifier polls once more and then sleeps: what this poll
+        // answers must leave now, not wait for a post that is not coming.
+        let defer = !self.notifier.is_armed();
         for ev in &events[..n] {
             if let Some(rx) = self.rxs.get(ev.data() as usize) {
-                self.pump(rx, true);
+                self.pump(rx, defer);
             }
+        }
+        if !defer {
+            self.flush_answers();
         }
     }
 

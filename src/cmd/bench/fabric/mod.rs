@@ -27,7 +27,7 @@ use vsmp_fabric::{
 };
 
 use raw::Raw;
-use report::{Row, bandwidth, bandwidth_pair, histogram, human_bytes, time};
+use report::{Row, bandwidth_pair, histogram, human_bytes, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendArg {
@@ -176,7 +176,7 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             let node1 = spawn(&raw.proc_path().display().to_string(), &addr)?;
             let raws = raw::shm_driver(&raw, n)?;
             let ep = pending.finish()?;
-            fabric_driver(&*ep, n, raws, Some(&raw), &mut rows)?;
+            fabric_driver(&*ep, n, raws, Local::Shm(&raw), &mut rows)?;
             node1
         }
         Backend::Tcp => {
@@ -184,9 +184,10 @@ fn driver(args: &Args) -> anyhow::Result<()> {
                 std::net::TcpListener::bind("127.0.0.1:0").context("binding the raw socket")?;
             let node1 = spawn(&raw.local_addr()?.to_string(), &addr)?;
             let (stream, _) = raw.accept().context("accepting node 1's raw socket")?;
-            let raws = raw::tcp_driver(stream, n)?;
+            let (raws, mut stream) = raw::tcp_driver(stream, n)?;
             let ep = pending.finish()?;
-            fabric_driver(&*ep, n, raws, None, &mut rows)?;
+            fabric_driver(&*ep, n, raws, Local::Tcp(&mut stream), &mut rows)?;
+            raw::tcp_finish(stream)?;
             node1
         }
     };
@@ -235,13 +236,24 @@ fn doorbell(ep: &dyn Fabric, peer: NodeId, imm: u32) -> anyhow::Result<()> {
     .map(drop)
 }
 
+/// The raw primitive still reachable while the fabric runs, for figures whose samples
+/// alternate with the fabric's.
+enum Local<'a> {
+    Shm(&'a SharedMemory),
+    Tcp(&'a mut std::net::TcpStream),
+}
+
 fn fabric_driver(
     ep: &dyn Fabric,
     n: u64,
     raw: Raw,
-    local_raw: Option<&SharedMemory>,
+    mut local: Local<'_>,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
+    let local_raw = match &local {
+        Local::Shm(mem) => Some(*mem),
+        Local::Tcp(_) => None,
+    };
     let peer = NodeId(1);
     let mut batch = IncomingBatch::new(16);
     ep.memory(SRC)?.write(0, &vec![0x5a; MAX_WRITE])?;
@@ -304,7 +316,7 @@ fn fabric_driver(
         raw: raw.fetch_add,
         raw_name: raw.fetch_add_name,
     });
-    for (&size, raw_bw) in BANDWIDTH_SIZES.iter().zip(raw.bandwidth) {
+    for &size in &BANDWIDTH_SIZES {
         let fabric_writes = |count: usize| {
             for k in 0..count {
                 let signal = if k + 1 == count {
@@ -321,16 +333,19 @@ fn fabric_driver(
             }
             Ok(())
         };
-        // shm: the raw copy needs no peer, so its samples alternate with the fabric's.
+        // The raw transfer's samples alternate with the fabric's (the host's memory and
+        // loopback bandwidth come and go).
         let buf = vec![0xa5u8; size];
-        let (fabric, raw_bw) = match local_raw {
-            Some(mem) => bandwidth_pair(size, fabric_writes, |count| {
+        let (fabric, raw_bw) = match &mut local {
+            Local::Shm(mem) => bandwidth_pair(size, fabric_writes, |count| {
                 for _ in 0..count {
                     mem.copy_in(raw::RAW_COPY, &buf);
                 }
                 Ok(())
             })?,
-            None => (bandwidth(size, fabric_writes)?, raw_bw),
+            Local::Tcp(stream) => bandwidth_pair(size, fabric_writes, |count| {
+                raw::tcp_stream(stream, &buf, count)
+            })?,
         };
         rows.push(Row::Bandwidth {
             name: format!("write bandwidth, {} writes", human_bytes(size)),
@@ -463,7 +478,14 @@ fn node1(args: &Args) -> anyhow::Result<()> {
             let mem = raw_shm.insert(SharedMemory::open(raw.as_ref(), raw::RAW_SHM_BYTES)?);
             raw::shm_node1(mem, &mut last)?;
         }
-        Backend::Tcp => raw::tcp_node1(raw)?,
+        Backend::Tcp => {
+            // Served for the whole run: node 0 alternates raw and fabric bandwidth samples.
+            let addr = raw.to_string();
+            std::thread::Builder::new()
+                .name("raw-tcp".into())
+                .spawn(move || raw::tcp_node1(&addr))
+                .context("starting the raw socket server")?;
+        }
     }
     let ep: Arc<dyn Fabric> = vsmp_fabric::join(backend, cfg, args.delay)?;
     // shm busy-polls until told to block (see `fabric_driver`); tcp always blocks.

@@ -1,6 +1,7 @@
 //! The raw primitives the fabric is built on, measured between the same two processes: on shm
 //! a spin ping-pong on shared memory, memcpy into it, a hardware `lock xadd` on it; on tcp an
-//! 8-byte socket ping-pong with TCP_NODELAY, N bytes answered by 8, a pipelined stream.
+//! 8-byte socket ping-pong with TCP_NODELAY, N bytes answered by 8, a pipelined stream. The
+//! bandwidth samples alternate with the fabric's (`mod.rs`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,8 +12,8 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use vsmp_fabric::shm::SharedMemory;
 
-use super::report::{bandwidth, per_size, time};
-use super::{BANDWIDTH_SIZES, MAX_WRITE, OP_TIMEOUT, POLLS_PER_CLOCK, WRITE_SIZES};
+use super::report::{per_size, time};
+use super::{MAX_WRITE, OP_TIMEOUT, POLLS_PER_CLOCK, WRITE_SIZES};
 
 /// Raw shm words, each on its own cache line and 128-byte line pair (as the fabric's rings
 /// are: the adjacent-line prefetcher must not couple them); the copy area follows.
@@ -33,7 +34,7 @@ pub struct Raw {
     pub round_trip_name: &'static str,
     pub fetch_add: Histogram<u64>,
     pub fetch_add_name: &'static str,
-    pub bandwidth: Vec<f64>,
+    /// Bandwidth is measured later, alternating with the fabric's samples.
     pub bandwidth_name: &'static str,
 }
 
@@ -59,14 +60,6 @@ pub fn shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
         std::hint::black_box(word.fetch_add(1, Ordering::SeqCst));
         Ok(())
     })?;
-    let bandwidth = per_size(&BANDWIDTH_SIZES, 0xa5, |buf| {
-        bandwidth(buf.len(), |count| {
-            for _ in 0..count {
-                raw.copy_in(RAW_COPY, buf);
-            }
-            Ok(())
-        })
-    })?;
     Ok(Raw {
         writes,
         write_name: "memcpy into shared memory",
@@ -74,7 +67,6 @@ pub fn shm_driver(raw: &SharedMemory, n: u64) -> anyhow::Result<Raw> {
         round_trip_name: "shared-memory spin ping-pong",
         fetch_add,
         fetch_add_name: "lock xadd on shared memory",
-        bandwidth,
         bandwidth_name: "memcpy into shared memory",
     })
 }
@@ -122,7 +114,9 @@ pub fn wait_pong(pong: &AtomicU64, i: u64) -> anyhow::Result<()> {
 }
 
 /// Raw tcp frames: a u32 length, then that many bytes; the answer is 8 bytes. Length 0 ends.
-pub fn tcp_driver(mut s: TcpStream, n: u64) -> anyhow::Result<Raw> {
+/// The latency figures are measured here; the bandwidth samples later, alternating with the
+/// fabric's (see [`tcp_stream`]), on the stream this returns.
+pub fn tcp_driver(mut s: TcpStream, n: u64) -> anyhow::Result<(Raw, TcpStream)> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(OP_TIMEOUT))?;
     let mut ack = [0u8; 8];
@@ -135,30 +129,34 @@ pub fn tcp_driver(mut s: TcpStream, n: u64) -> anyhow::Result<Raw> {
     let ping = [0u8; 8];
     let round_trip = time(n, || exchange(&mut s, &ping))?;
     let writes = per_size(&WRITE_SIZES, 0x5a, |buf| time(n, || exchange(&mut s, buf)))?;
-    let bandwidth = per_size(&BANDWIDTH_SIZES, 0xa5, |buf| {
-        bandwidth(buf.len(), |count| {
-            // Pipelined: node 1 answers every frame; the answers are read at the end (8 bytes
-            // each, far below the socket buffer).
-            for _ in 0..count {
-                s.write_all(&(buf.len() as u32).to_le_bytes())?;
-                s.write_all(buf)?;
-            }
-            let mut acks = vec![0u8; 8 * count];
-            s.read_exact(&mut acks)?;
-            Ok(())
-        })
-    })?;
-    s.write_all(&0u32.to_le_bytes())?;
-    Ok(Raw {
+    let raw = Raw {
         writes,
         write_name: "N bytes on a socket, 8 back",
         fetch_add: round_trip.clone(),
         fetch_add_name: "8-byte socket ping-pong",
         round_trip,
         round_trip_name: "8-byte socket ping-pong",
-        bandwidth,
         bandwidth_name: "pipelined socket stream",
-    })
+    };
+    Ok((raw, s))
+}
+
+/// One raw bandwidth sample: `count` frames of `buf` pipelined (node 1 answers every frame;
+/// the answers, 8 bytes each and far below the socket buffer, are read at the end).
+pub fn tcp_stream(s: &mut TcpStream, buf: &[u8], count: usize) -> anyhow::Result<()> {
+    for _ in 0..count {
+        s.write_all(&(buf.len() as u32).to_le_bytes())?;
+        s.write_all(buf)?;
+    }
+    let mut acks = vec![0u8; 8 * count];
+    s.read_exact(&mut acks)?;
+    Ok(())
+}
+
+/// Ends node 1's raw server.
+pub fn tcp_finish(mut s: TcpStream) -> anyhow::Result<()> {
+    s.write_all(&0u32.to_le_bytes())?;
+    Ok(())
 }
 
 pub fn tcp_node1(addr: &str) -> anyhow::Result<()> {

@@ -46,24 +46,6 @@ pub fn time(
     Ok(h)
 }
 
-/// Median bytes per second of `BANDWIDTH_SAMPLES` runs of `f(count)`, each moving `count`
-/// buffers of `size` bytes.
-pub fn bandwidth(
-    size: usize,
-    mut f: impl FnMut(usize) -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
-    let count = (BANDWIDTH_BYTES / size).max(8);
-    f(count / 4)?;
-    let mut samples: Vec<f64> = (0..BANDWIDTH_SAMPLES)
-        .map(|_| {
-            let t = Instant::now();
-            f(count)?;
-            Ok((count * size) as f64 / t.elapsed().as_secs_f64())
-        })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(median(&mut samples))
-}
-
 /// `measure(buffer)` for a buffer of each of `sizes` bytes (filled with `fill`), in order.
 pub fn per_size<T>(
     sizes: &[usize],
