@@ -145,6 +145,18 @@ impl Memory {
     }
 }
 
+/// The memory of region `region` among a node's, or the contract's `UnknownRegion`.
+pub(crate) fn find(
+    memory: &[std::sync::Arc<Memory>],
+    region: RegionId,
+) -> Result<&Memory, FabricError> {
+    memory
+        .iter()
+        .find(|m| m.id() == region)
+        .map(|m| &**m)
+        .ok_or(FabricError::UnknownRegion { region })
+}
+
 /// A fresh memfd of at least `len` bytes (a whole number of pages), close-on-exec.
 pub(crate) fn memfd(name: &str, len: usize) -> Result<File, FabricError> {
     let cname = std::ffi::CString::new(name)

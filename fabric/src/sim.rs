@@ -681,11 +681,7 @@ impl Fabric for SimFabric {
     }
 
     fn memory(&self, region: crate::RegionId) -> Result<&Memory, FabricError> {
-        self.memory
-            .iter()
-            .find(|m| m.id() == region)
-            .map(|m| &**m)
-            .ok_or(FabricError::UnknownRegion { region })
+        crate::memory::find(&self.memory, region)
     }
 
     fn post_write(

@@ -609,12 +609,7 @@ impl Fabric for ShmFabric {
 
     fn memory(&self, region: RegionId) -> Result<&Memory, FabricError> {
         let inner = &self.inner;
-        inner.peers[inner.rank.index()]
-            .regions
-            .iter()
-            .find(|m| m.id() == region)
-            .map(|m| &**m)
-            .ok_or(FabricError::UnknownRegion { region })
+        crate::memory::find(&inner.peers[inner.rank.index()].regions, region)
     }
 
     #[inline]

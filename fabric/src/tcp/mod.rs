@@ -497,12 +497,7 @@ impl Fabric for TcpFabric {
     }
 
     fn memory(&self, region: RegionId) -> Result<&Memory, FabricError> {
-        self.shared
-            .memory
-            .iter()
-            .find(|m| m.id() == region)
-            .map(|m| &**m)
-            .ok_or(FabricError::UnknownRegion { region })
+        crate::memory::find(&self.shared.memory, region)
     }
 
     fn post_write(
