@@ -40,10 +40,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
+    let mut failure = ExitCode::FAILURE;
     let result = match cli.command {
         Command::Patch(args) => cmd::patch::run(args),
         Command::Cc(args) => cmd::cc::run(args),
-        Command::Run(args) => cmd::run::run(args),
+        Command::Run(args) => {
+            failure = ExitCode::from(cmd::run::VSMP_FAILURE);
+            cmd::run::run(args)
+        }
         Command::Litmus(args) => cmd::litmus::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };
@@ -54,7 +58,7 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("vsmp:   caused by: {cause}");
             }
-            ExitCode::FAILURE
+            failure
         }
     }
 }

@@ -65,6 +65,42 @@ fn build_guest(dir: &Path, name: &str, asm: &str, marker: &str, record: bool) ->
 }
 
 /// Pids of the live processes in process group `pgid`.
+/// The live (not zombie) processes whose field `index` after the command (0: state, 1: ppid,
+/// 2: pgrp) is `value`.
+fn processes_where(index: usize, value: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            continue;
+        }
+        if fields.get(index).and_then(|f| f.parse::<i32>().ok()) == Some(value) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether `pid` is alive (not a zombie).
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
+}
+
 fn processes_in_group(pgid: i32) -> Vec<i32> {
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
@@ -188,7 +224,7 @@ fn a_marker_flag_that_contradicts_the_guest_is_refused() {
     let asm = HELLO.replace("EXIT_STATUS", "0");
     let elf = build_guest(dir.path(), "conflict", &asm, "int3", true);
     let (code, out, err) = run_guest(&elf, &["--marker", "ud2"]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(out.is_empty());
     assert!(
         err.contains("built with marker int3") && err.contains("--marker ud2"),
@@ -218,7 +254,7 @@ _start:
     );
     let elf = build_guest(dir.path(), "syscall", &asm, "ud2", true);
     let (code, _, err) = run_guest(&elf, &[]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(
         !victim.exists(),
         "the guest's open(O_CREAT) reached the host"
@@ -242,7 +278,7 @@ fn a_wild_pointer_write_names_the_address_and_rip() {
         );
         let elf = build_guest(dir.path(), name, &asm, "ud2", true);
         let (code, _, err) = run_guest(&elf, &[]);
-        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(code, Some(125), "{err}");
         assert!(err.contains("guest crashed: SIGSEGV"), "{err}");
         assert!(err.contains(&format!("at address {addr}")), "{err}");
         assert!(err.contains("guest rip 0x100007"), "{err}");
@@ -259,7 +295,7 @@ fn malformed_foreign_and_oversized_elves_are_refused_naming_the_file() {
     let garbage = dir.path().join("garbage.elf");
     fs::write(&garbage, b"this is not an ELF file at all").unwrap();
     let (code, _, err) = run_guest(&garbage, &[]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(125));
     assert!(
         err.contains("garbage.elf") && err.contains("not a valid ELF"),
         "{err}"
@@ -275,7 +311,7 @@ fn malformed_foreign_and_oversized_elves_are_refused_naming_the_file() {
     let arm_path = dir.path().join("arm.elf");
     fs::write(&arm_path, &arm).unwrap();
     let (code, _, err) = run_guest(&arm_path, &[]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(125));
     assert!(
         err.contains("arm.elf") && err.contains("not an x86-64 ELF"),
         "{err}"
@@ -291,7 +327,7 @@ fn malformed_foreign_and_oversized_elves_are_refused_naming_the_file() {
     let asm = ".text\n.globl _start\n_start:\n    hlt\n.bss\n.skip 0x400000\n";
     let big = build_guest(dir.path(), "big", asm, "ud2", true);
     let (code, _, err) = run_guest(&big, &["--mem", "2M"]);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(125));
     assert!(
         err.contains("big.elf") && err.contains("--mem is 2M"),
         "{err}"
@@ -304,7 +340,7 @@ fn a_marker_before_an_instruction_the_monitor_does_not_emulate_shows_bytes_and_d
     let asm = ".text\n.globl _start\n_start:\n    MARK\n    add %rbx, %rax\n    hlt\n";
     let elf = build_guest(dir.path(), "unsupported", asm, "ud2", true);
     let (code, _, err) = run_guest(&elf, &[]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(err.contains("guest rip 0x100002"), "{err}");
     assert!(err.contains("48 01 d8"), "{err}");
     assert!(err.contains("add %rbx,%rax"), "{err}");
@@ -317,7 +353,7 @@ fn hlt_with_no_interrupt_source_is_reported_as_halted_forever() {
     for marker in ["ud2", "int3"] {
         let elf = build_guest(dir.path(), &format!("hlt-{marker}"), asm, marker, true);
         let (code, _, err) = run_guest(&elf, &[]);
-        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(code, Some(125), "{err}");
         let at = if marker == "ud2" {
             "0x100003"
         } else {
@@ -373,16 +409,20 @@ fn the_vm_process_dies_with_a_killed_monitor() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pgid = child.id() as i32;
+    let pid = child.id() as i32;
     // Liveness bounds, not performance assertions: generous so a loaded machine passes.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while processes_in_group(pgid).len() < 2 {
+    // The VM process is the monitor's child (in a process group of its own).
+    let vm = loop {
+        if let Some(vm) = processes_where(1, pid).first() {
+            break *vm;
+        }
         assert!(Instant::now() < deadline, "the VM process never appeared");
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     child.kill().unwrap();
     child.wait().unwrap();
-    while !processes_in_group(pgid).is_empty() {
+    while alive(vm) {
         assert!(
             Instant::now() < deadline,
             "the VM process outlived its monitor"
@@ -454,7 +494,7 @@ fn a_vsyscall_that_bypasses_ptrace_is_killed_by_the_seccomp_filter() {
         .unwrap()
         .contains("[vsyscall]")
     {
-        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(code, Some(125), "{err}");
         assert!(err.contains("killed by its seccomp filter"), "{err}");
     } else {
         eprintln!("SKIPPED the seccomp check: this kernel has no [vsyscall] page (vsyscall=none)");
@@ -484,7 +524,7 @@ _start:
     );
     let elf = build_guest(dir.path(), "int80", &asm, "ud2", true);
     let (code, _, err) = run_guest(&elf, &[]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(
         !victim.exists(),
         "the guest's int $0x80 open reached the host"
@@ -501,7 +541,7 @@ fn a_jump_outside_guest_ram_is_a_crash_without_instruction_bytes() {
     let asm = ".text\n.globl _start\n_start:\n    mov $0x10000000, %rax\n    jmp *%rax\n";
     let elf = build_guest(dir.path(), "wildjump", asm, "ud2", true);
     let (code, _, err) = run_guest(&elf, &[]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(
         err.contains("SIGSEGV (address not mapped) at address 0x10000000"),
         "{err}"
@@ -518,7 +558,7 @@ fn a_ud2_in_a_guest_built_with_int3_is_a_crash_not_a_trap() {
     let asm = ".text\n.globl _start\n_start:\n    ud2\n    cpuid\n    hlt\n";
     let elf = build_guest(dir.path(), "strayud2", asm, "int3", true);
     let (code, _, err) = run_guest(&elf, &[]);
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(125), "{err}");
     assert!(
         err.contains("guest crashed: SIGILL (invalid opcode (#UD))"),
         "{err}"

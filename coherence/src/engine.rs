@@ -89,8 +89,9 @@ pub enum Output {
     Send { to: NodeId, msg: Msg },
     /// A batch from `from` was applied: its log space may be returned.
     Applied { from: NodeId },
-    /// Console bytes of the machine, in the global order (only on the console node).
-    Console(Vec<u8>),
+    /// Console bytes of the machine written by `from`'s vCPU, in the global order (only on the
+    /// console node).
+    Console { from: NodeId, bytes: Vec<u8> },
 }
 
 /// A control message between nodes.
@@ -911,7 +912,10 @@ impl Engine {
                 }
                 Record::Console(data) => {
                     if self.cfg.me == self.cfg.console_node {
-                        self.out.push_back(Output::Console(data.to_vec()));
+                        self.out.push_back(Output::Console {
+                            from,
+                            bytes: data.to_vec(),
+                        });
                     }
                 }
                 Record::VcpuDone(status) => {

@@ -3,8 +3,9 @@
  *
  * On entry RSP = the top of this vCPU's boot stack, RDI = vCPU id, RSI = vCPU count.
  * vCPU 0 clears .bss and then sets __vsmp_booted; the others wait for that flag (it lives in
- * .data, which is never cleared). Every vCPU then calls main() and passes its return value
- * to vsmp_exit().
+ * .data, which is never cleared). Every vCPU then calls main(); when main returns, its value
+ * goes to the vCPU-done port (0xF5): that ends this vCPU only, and the machine ends when every
+ * vCPU has, with the first non-zero status (vsmp_exit, port 0xF4, ends the machine at once).
  */
 	.section .text._start, "ax", @progbits
 	.globl	_start
@@ -31,9 +32,9 @@ _start:
 
 .Lcall_main:
 	call	main
-	movl	%eax, %edi
-	call	vsmp_exit
+	outb	%al, $0xf5		/* this vCPU is done, with main's status */
 .Lnever:
+	hlt				/* never reached: the monitor ends the vCPU at the out */
 	jmp	.Lnever
 	.size	_start, . - _start
 

@@ -40,6 +40,11 @@ pub const COM1_PORT: u16 = 0x3F8;
 /// guest's exit status.
 pub const EXIT_PORT: u16 = 0xF4;
 
+/// I/O port of the vCPU-done device: the runtime writes `main`'s return value here when it
+/// returns. It ends only that vCPU; the machine ends when every vCPU has, with the first
+/// non-zero status in the machine's global order (else 0).
+pub const DONE_PORT: u16 = 0xF5;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod emulate;
 pub mod layout;
 pub mod marker;
+pub mod node;
 pub mod patch;
 pub mod platform;
 pub mod vcpu;

@@ -83,7 +83,7 @@ proptest! {
         let trap = if fault { Trap::Fault { insn } } else { Trap::Marker { insn } };
         match handle_trap(&mut vcpu, &mut p, trap) {
             Ok(e) => {
-                if e.outcome == Outcome::ExecuteNatively {
+                if e.outcome == Outcome::Atomic {
                     prop_assert_eq!(p.regs.rip, insn);
                 }
             }

@@ -740,7 +740,7 @@ fn carry(node: &mut Node, i: usize) -> Result<(), String> {
         match node.link.handle(&mut node.engine, o).map_err(fail)? {
             None => {}
             Some(Output::Protect { page, writable }) => node.writable[page.index()] = writable,
-            Some(Output::Console(_)) => {}
+            Some(Output::Console { .. }) => {}
             Some(other) => unreachable!("the link carries {other:?}"),
         }
     }

@@ -9,6 +9,7 @@
 //! a wider write delivers its low byte and a wider read returns the register zero-extended:
 //! - COM1, [`layout::COM1_PORT`]`..+8`: the console UART ([`uart`]);
 //! - [`layout::EXIT_PORT`]: the exit device ([`exit`]); it reads as 0;
+//! - [`layout::DONE_PORT`]: the vCPU-done device (a return from `main`); it reads as 0;
 //! - any other port reads as all-ones of the access width (like an empty PC bus) and ignores
 //!   writes. Both are logged at `debug` level (an unclaimed port is normal PC behaviour: Linux
 //!   writes port 0x80 as an I/O delay), rate-limited to [`UNKNOWN_PORT_LOG_LIMIT`] messages
@@ -57,8 +58,10 @@ impl PortSize {
 pub enum PortEffect {
     /// Nothing the run loop must act on.
     None,
-    /// The guest wrote its exit status to the exit port.
+    /// The guest wrote its exit status to the exit port: the machine stops.
     Exit { status: u8 },
+    /// This vCPU's `main` returned `status` (the vCPU-done port): this vCPU stops.
+    Done { status: u8 },
 }
 
 /// A device failed to complete a port access.
@@ -95,7 +98,7 @@ impl PortBus {
     pub fn read(&mut self, port: u16, size: PortSize) -> u32 {
         match port {
             layout::COM1_PORT..COM1_END => self.uart.read(port - layout::COM1_PORT).into(),
-            layout::EXIT_PORT => 0,
+            layout::EXIT_PORT | layout::DONE_PORT => 0,
             _ => {
                 if self.unknown_reads_logged < UNKNOWN_PORT_LOG_LIMIT {
                     self.unknown_reads_logged += 1;
@@ -126,6 +129,9 @@ impl PortBus {
                 Ok(PortEffect::None)
             }
             layout::EXIT_PORT => Ok(self.exit.write(value)),
+            layout::DONE_PORT => Ok(PortEffect::Done {
+                status: value as u8,
+            }),
             _ => {
                 if self.unknown_writes_logged < UNKNOWN_PORT_LOG_LIMIT {
                     self.unknown_writes_logged += 1;

@@ -32,6 +32,7 @@ pub mod control;
 pub mod cpuid;
 pub mod descriptor;
 pub mod flags;
+pub mod footprint;
 pub mod msr;
 mod operand;
 pub mod ordering;
@@ -89,15 +90,22 @@ pub enum Outcome {
     /// the instruction itself, with RCX/RSI/RDI advanced, so it runs again natively, faults
     /// again, and continues (like a hardware interrupt between iterations).
     Resume,
-    /// Run the instruction natively: `regs.rip` is the instruction (not the marker); resume
-    /// without a signal. Memory-ordering instructions, until the DSM exists.
-    ExecuteNatively,
+    /// A locked read-modify-write (or `xchg` with memory): `regs.rip` is the instruction (not
+    /// the marker). The monitor runs it natively on pages its node owns (single-stepped) and
+    /// then drains the store buffer as a fence does; on one node it just resumes there.
+    Atomic,
+    /// `mfence` or `serialize`: emulated as nothing; `regs.rip` is after it. The monitor drains
+    /// this node's store buffer before the vCPU goes on.
+    Fence,
     /// The guest halted (`hlt`, `mwait`) with interrupts as given; `regs.rip` is after the
     /// instruction, where it continues when woken. With no interrupt source the monitor
     /// reports "halted forever".
     Halt { interrupts_enabled: bool },
     /// The guest wrote its exit status to the exit port; `regs.rip` is after the `out`.
     Exit { status: u8 },
+    /// This vCPU's `main` returned `status` (the vCPU-done port); `regs.rip` is after the
+    /// `out`. The vCPU runs no more.
+    Done { status: u8 },
 }
 
 /// The result of one trap.
@@ -406,8 +414,12 @@ pub fn handle_trap(
     let outcome = dispatch(vcpu, platform, &mut insn)?;
     let regs = platform.regs();
     regs.rip = match outcome {
-        Outcome::ExecuteNatively => rip,
-        Outcome::Resume | Outcome::Halt { .. } | Outcome::Exit { .. } => insn.next_rip,
+        Outcome::Atomic => rip,
+        Outcome::Resume
+        | Outcome::Fence
+        | Outcome::Halt { .. }
+        | Outcome::Exit { .. }
+        | Outcome::Done { .. } => insn.next_rip,
     };
     Ok(Emulated {
         outcome,

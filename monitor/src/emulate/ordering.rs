@@ -1,11 +1,15 @@
 //! Memory-ordering instructions: `mfence`, `lfence`, `sfence`, `serialize`, every
 //! `lock`-prefixed instruction, and `xchg` with a memory operand (implicitly locked).
 //!
-//! The DSM will publish and drain the node's writes at these. Until it exists, a marker
-//! before one of them ends in [`Outcome::ExecuteNatively`]: the guest runs the instruction
-//! itself, which on one node is exactly right. They are not privileged, so they never fault
-//! with #GP: a native fault at one is a bad memory access, reported as
-//! [`EmulateError::NotSensitive`].
+//! The DSM drains the node's store buffer at these (`docs/coherence.md`):
+//! - `mfence` and `serialize` end in [`Outcome::Fence`] (nothing to emulate; the monitor
+//!   drains before the vCPU goes on);
+//! - `lfence` and `sfence` order nothing on write-back memory under x86-TSO: skipped;
+//! - a locked instruction or `xchg` with memory ends in [`Outcome::Atomic`]: the monitor runs
+//!   it natively on pages its node owns, then drains.
+//!
+//! They are not privileged, so they never fault with #GP: a native fault at one is a bad
+//! memory access, reported as [`EmulateError::NotSensitive`].
 #![forbid(unsafe_code)]
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
@@ -24,13 +28,17 @@ pub(crate) fn is_ordering(instr: &Instruction) -> bool {
 }
 
 pub(crate) fn emulate(insn: &Insn) -> Result<Outcome, EmulateError> {
-    match insn.trap {
-        Trap::Marker { .. } => Ok(Outcome::ExecuteNatively),
-        Trap::Fault { .. } => Err(EmulateError::NotSensitive {
+    if let Trap::Fault { .. } = insn.trap {
+        return Err(EmulateError::NotSensitive {
             site: insn.site,
             trap: insn.trap,
-        }),
+        });
     }
+    Ok(match insn.instr.mnemonic() {
+        Mnemonic::Mfence | Mnemonic::Serialize => Outcome::Fence,
+        Mnemonic::Lfence | Mnemonic::Sfence => Outcome::Resume,
+        _ => Outcome::Atomic,
+    })
 }
 
 #[cfg(test)]
@@ -40,30 +48,39 @@ mod tests {
     use crate::emulate::test_util::*;
 
     #[test]
-    fn fences_locked_instructions_and_xchg_with_memory_execute_natively_at_the_instruction() {
-        let cases: [(&[u8], Mnemonic); 8] = [
-            (&[0x0f, 0x01, 0xe8], Mnemonic::Serialize),
+    fn locked_instructions_and_xchg_with_memory_run_natively_at_the_instruction() {
+        let cases: [(&[u8], Mnemonic); 4] = [
             (&[0xf0, 0x48, 0x0f, 0xc1, 0x03], Mnemonic::Xadd), // lock xadd %rax,(%rbx)
-            (&[0x0f, 0xae, 0xf0], Mnemonic::Mfence),
-            (&[0x0f, 0xae, 0xe8], Mnemonic::Lfence),
-            (&[0x0f, 0xae, 0xf8], Mnemonic::Sfence),
             (&[0xf0, 0x48, 0x0f, 0xb1, 0x0b], Mnemonic::Cmpxchg), // lock cmpxchg %rcx,(%rbx)
-            (&[0xf0, 0xff, 0x03], Mnemonic::Inc),                 // lock incl (%rbx)
-            (&[0x48, 0x87, 0x03], Mnemonic::Xchg),                // xchg %rax,(%rbx)
+            (&[0xf0, 0xff, 0x03], Mnemonic::Inc),              // lock incl (%rbx)
+            (&[0x48, 0x87, 0x03], Mnemonic::Xchg),             // xchg %rax,(%rbx)
         ];
         for (code, mnemonic) in cases {
             let mut vcpu = vcpu();
             let mut p = platform(code);
             let before = p.regs;
             let e = run(&mut vcpu, &mut p).unwrap();
-            assert_eq!(
-                (e.outcome, e.mnemonic),
-                (Outcome::ExecuteNatively, mnemonic)
-            );
+            assert_eq!((e.outcome, e.mnemonic), (Outcome::Atomic, mnemonic));
             assert_eq!(
                 p.regs, before,
                 "nothing changes, rip stays at the instruction"
             );
+        }
+    }
+
+    #[test]
+    fn fences_drain_or_are_skipped_after_the_instruction() {
+        let cases: [(&[u8], Mnemonic, Outcome); 4] = [
+            (&[0x0f, 0x01, 0xe8], Mnemonic::Serialize, Outcome::Fence),
+            (&[0x0f, 0xae, 0xf0], Mnemonic::Mfence, Outcome::Fence),
+            (&[0x0f, 0xae, 0xe8], Mnemonic::Lfence, Outcome::Resume),
+            (&[0x0f, 0xae, 0xf8], Mnemonic::Sfence, Outcome::Resume),
+        ];
+        for (code, mnemonic, outcome) in cases {
+            let mut p = platform(code);
+            let e = run(&mut vcpu(), &mut p).unwrap();
+            assert_eq!((e.outcome, e.mnemonic), (outcome, mnemonic));
+            assert_eq!(p.regs.rip, CODE + code.len() as u64, "resumes after it");
         }
     }
 

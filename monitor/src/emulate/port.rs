@@ -78,6 +78,7 @@ pub(crate) fn emulate(
             {
                 PortEffect::None => Ok(Outcome::Resume),
                 PortEffect::Exit { status } => Ok(Outcome::Exit { status }),
+                PortEffect::Done { status } => Ok(Outcome::Done { status }),
             }
         }
         Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => string(vcpu, p, insn, Direction::In),
@@ -162,8 +163,10 @@ fn string(
         if rep {
             write_reg(regs, counter, remaining).ok_or_else(missing)?;
         }
-        if let PortEffect::Exit { status } = effect {
-            return Ok(Outcome::Exit { status });
+        match effect {
+            PortEffect::None => {}
+            PortEffect::Exit { status } => return Ok(Outcome::Exit { status }),
+            PortEffect::Done { status } => return Ok(Outcome::Done { status }),
         }
     }
     if remaining > 0 {

@@ -63,7 +63,15 @@ pub mod bench;
 pub mod elf;
 pub mod memory;
 pub mod process;
+pub mod protect;
 pub mod run;
 pub mod stats;
 mod sys;
 pub mod trace;
+
+/// The faulting address of a SIGSEGV, SIGBUS, SIGILL or SIGFPE siginfo.
+pub fn si_addr(info: &libc::siginfo_t) -> u64 {
+    sys::si_addr(info)
+}
+
+pub use run::signal_cause;

@@ -1,13 +1,14 @@
 //! Spawning and confining the VM process.
 //!
-//! 1. The monitor forks; the child (`sys::child_main`) sets PR_SET_PDEATHSIG, becomes a tracee
-//!    (PTRACE_TRACEME), maps guest RAM at VA == GPA over `[NULL_GUARD_END, mem)` with
-//!    MAP_FIXED_NOREPLACE, maps the stub page at [`STUB_ADDR`] (`syscall; int3`), resets its
+//! 1. The monitor forks and seizes the child (PTRACE_SEIZE, so that it can interrupt the
+//!    running guest) with PTRACE_O_EXITKILL (the child dies with the monitor) and
+//!    PTRACE_O_TRACESYSGOOD; the child (`sys::child_main`) sets PR_SET_PDEATHSIG, moves to its
+//!    own process group, waits until it is seized, maps guest RAM at VA == GPA over
+//!    `[NULL_GUARD_END, mem)` with MAP_FIXED_NOREPLACE, maps the stub page at [`STUB_ADDR`] (`syscall; int3`), resets its
 //!    signal handlers, closes every descriptor, installs a seccomp filter that allows system
 //!    calls only from the stub's `syscall` (and kills the process for any other), and stops
 //!    by jumping into the stub (a getpid, then the `int3`: SIGTRAP).
-//! 2. The monitor sets PTRACE_O_EXITKILL (the child dies with the monitor) and
-//!    PTRACE_O_TRACESYSGOOD, pins the child beside itself, then reads `/proc/PID/maps` and unmaps
+//! 2. The monitor pins the child beside itself, then reads `/proc/PID/maps` and unmaps
 //!    every other mapping (the vsmp binary, libc, heap, stacks, vdso, vvar, the monitor's own
 //!    view of guest RAM) by injecting `munmap` through the stub: RIP = stub, RAX = SYS_munmap,
 //!    PTRACE_CONT, the `int3` after the `syscall` stops it again.
@@ -25,7 +26,7 @@ use vsmp_affinity::{AffinityError, Placement};
 
 use super::memory::GuestMemory;
 use super::sys::{self, ChildSpec, ChildStep};
-use super::trace::{StopEvent, Stopped, TraceError, Tracee};
+use super::trace::{Event, StopEvent, Stopped, TraceError, Tracee};
 use crate::layout;
 
 /// Where the stub page lives in the VM process: far above guest RAM (which ends below 3 GiB) and
@@ -55,6 +56,8 @@ const USER_SS: u64 = 0x2b;
 pub enum ProcessError {
     #[error("cannot fork the VM process")]
     Fork(#[source] Errno),
+    #[error("cannot seize the VM process (PTRACE_SEIZE)")]
+    Seize(#[source] Errno),
     #[error("the VM process failed while {}", step.describe())]
     ChildSetup { step: ChildStep },
     #[error("the VM process exited during set-up with status {status}")]
@@ -92,12 +95,28 @@ pub enum ProcessError {
 
 /// Forks the VM process over `memory`, strips it down to guest RAM and the stub, pins it as
 /// `placement` says, sets the guest's initial registers (entry, boot stack) and resumes it
-/// under PTRACE_SYSEMU. The returned tracee is running.
+/// under PTRACE_SYSEMU, as vCPU 0 of 1. The returned tracee is running.
 pub fn spawn(
     memory: &GuestMemory,
     entry: u64,
     placement: Placement,
 ) -> Result<Tracee, ProcessError> {
+    let tracee = spawn_stopped(memory, entry, placement, 0, 1)?;
+    tracee.resume()?;
+    Ok(tracee)
+}
+
+/// As [`spawn`], for vCPU `vcpu` of `vcpus`, and leaves the tracee stopped at the entry (the
+/// monitor sets up page protection first).
+pub fn spawn_stopped(
+    memory: &GuestMemory,
+    entry: u64,
+    placement: Placement,
+    vcpu: u32,
+    vcpus: u32,
+) -> Result<Tracee, ProcessError> {
+    let (seized_rx, seized_tx) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(ProcessError::Fork)?;
     let spec = ChildSpec {
         parent: std::process::id() as i32,
         memfd: std::os::fd::AsRawFd::as_raw_fd(&memory.memfd()),
@@ -105,21 +124,24 @@ pub fn spawn(
         ram_end: memory.ram_end(),
         stub_addr: STUB_ADDR,
         stub_code: STUB_CODE,
+        seized_fd: std::os::fd::AsRawFd::as_raw_fd(&seized_rx),
     };
     let pid = sys::fork_vm_process(&spec).map_err(ProcessError::Fork)?;
+    drop(seized_rx);
     // From here on, dropping `tracee` kills and reaps the child on every error path.
     let mut tracee = Tracee::adopt(pid);
+    let options = Options::PTRACE_O_EXITKILL | Options::PTRACE_O_TRACESYSGOOD;
+    sys::seize(pid, options.bits(), std::os::fd::AsFd::as_fd(&seized_tx))
+        .map_err(ProcessError::Seize)?;
+    drop(seized_tx);
     let stopped = expect_signal_stop(tracee.wait()?, Signal::SIGTRAP)?;
-    stopped.set_options(Options::PTRACE_O_EXITKILL | Options::PTRACE_O_TRACESYSGOOD)?;
     if let Placement::Together(core) = placement {
         vsmp_affinity::pin_process(pid.as_raw(), core).map_err(ProcessError::Pin)?;
     }
     let stopped = strip_mappings(stopped, memory)?;
     check_only_guest_mappings(pid, memory)?;
     stopped.reset_fp_state()?;
-    // One vCPU per node and, until the DSM joins nodes, one node: vCPU 0 of 1.
-    stopped.set_regs(initial_regs(entry, memory.ram_end(), 0, 1))?;
-    stopped.resume_sysemu()?;
+    stopped.set_regs(initial_regs(entry, memory.ram_end(), vcpu, vcpus))?;
     Ok(tracee)
 }
 
@@ -265,6 +287,41 @@ fn inject_syscall<'t>(
     let stopped = expect_signal_stop(stopped.resume_cont_for_stub()?, Signal::SIGTRAP)?;
     let after = stopped.regs()?;
     Ok((stopped, after.rax as i64))
+}
+
+/// Runs system call `nr` with `args` in the VM process, which is stopped (at any kind of
+/// stop), through the stub, and leaves it stopped with its registers as they were. Returns
+/// the call's return value. Two ptrace stops: costly, see `docs/coherence.md`.
+pub fn inject(tracee: &mut Tracee, nr: u64, args: [u64; 6]) -> Result<i64, ProcessError> {
+    let saved = tracee.regs()?;
+    let regs = libc::user_regs_struct {
+        rip: STUB_ADDR,
+        rax: nr,
+        orig_rax: u64::MAX,
+        rdi: args[0],
+        rsi: args[1],
+        rdx: args[2],
+        r10: args[3],
+        r8: args[4],
+        r9: args[5],
+        ..saved
+    };
+    tracee.set_regs(regs)?;
+    tracee.cont()?;
+    loop {
+        match tracee.wait_event()? {
+            Event::Signal(Signal::SIGTRAP) => break,
+            // An interrupt the monitor asked for earlier: let the stub run.
+            Event::Interrupted | Event::GroupStop(_) => tracee.cont()?,
+            Event::Signal(signal) => return Err(ProcessError::UnexpectedSetupStop { signal }),
+            Event::Syscall => return Err(ProcessError::UnexpectedSyscallStop),
+            Event::Exited(status) => return Err(ProcessError::ChildExited { status }),
+            Event::Killed(signal) => return Err(ProcessError::ChildKilled { signal }),
+        }
+    }
+    let ret = tracee.regs()?.rax as i64;
+    tracee.set_regs(saved)?;
+    Ok(ret)
 }
 
 fn check_only_guest_mappings(pid: Pid, memory: &GuestMemory) -> Result<(), ProcessError> {

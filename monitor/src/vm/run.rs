@@ -259,14 +259,14 @@ fn run_loop(
             Trap::Marker { .. } => TrapKind::Marker(emulated.mnemonic),
             Trap::Fault { .. } => TrapKind::Fault(emulated.mnemonic),
         };
-        if let (Some(s), Outcome::Halt { .. } | Outcome::Exit { .. }) =
+        if let (Some(s), Outcome::Halt { .. } | Outcome::Exit { .. } | Outcome::Done { .. }) =
             (stats.as_deref_mut(), emulated.outcome)
         {
             s.record(kind, observed.elapsed());
         }
         match emulated.outcome {
-            Outcome::Resume => {}
-            Outcome::ExecuteNatively => {
+            Outcome::Resume | Outcome::Fence => {}
+            Outcome::Atomic => {
                 if let Trap::Fault { insn } = trap {
                     return Err(RunError::NativeRetryOfFault {
                         insn: InsnAt::read(memory, insn),
@@ -281,7 +281,7 @@ fn run_loop(
                     rip: trap.insn(),
                 });
             }
-            Outcome::Exit { status } => return Ok(status),
+            Outcome::Exit { status } | Outcome::Done { status } => return Ok(status),
         }
         if platform.regs != before {
             stopped.set_regs(platform.regs.into())?;
@@ -344,7 +344,7 @@ fn crash(signal: Signal, info: &libc::siginfo_t, rip: u64, memory: &GuestMemory)
 }
 
 /// The kernel's reason for a fault signal, from its `si_code`.
-fn signal_cause(signal: Signal, code: i32) -> &'static str {
+pub fn signal_cause(signal: Signal, code: i32) -> &'static str {
     match (signal, code) {
         (_, SI_KERNEL) => "general protection fault",
         (Signal::SIGSEGV, 1) => "address not mapped",

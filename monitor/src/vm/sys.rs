@@ -5,7 +5,7 @@
 //! Every block does one thing and names the invariant it relies on.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use nix::errno::Errno;
@@ -101,6 +101,8 @@ pub struct ChildSpec {
     /// Address of the stub page and the code to put at its start.
     pub stub_addr: u64,
     pub stub_code: [u8; 4],
+    /// The read end of a pipe: the monitor writes one byte once it has seized the child.
+    pub seized_fd: i32,
 }
 
 /// The step of the child's set-up that failed; the child exits with `CHILD_EXIT_BASE + step`.
@@ -109,7 +111,7 @@ pub struct ChildSpec {
 pub enum ChildStep {
     DeathSignal = 1,
     ParentGone = 2,
-    TraceMe = 3,
+    Seize = 3,
     MapRam = 4,
     MapStub = 5,
     ProtectStub = 6,
@@ -127,7 +129,7 @@ impl ChildStep {
         [
             DeathSignal,
             ParentGone,
-            TraceMe,
+            Seize,
             MapRam,
             MapStub,
             ProtectStub,
@@ -143,7 +145,7 @@ impl ChildStep {
         match self {
             ChildStep::DeathSignal => "prctl(PR_SET_PDEATHSIG)",
             ChildStep::ParentGone => "the monitor exited during set-up",
-            ChildStep::TraceMe => "ptrace(PTRACE_TRACEME)",
+            ChildStep::Seize => "waiting for the monitor to seize it (PTRACE_SEIZE)",
             ChildStep::MapRam => "mapping guest RAM at its guest-physical address",
             ChildStep::MapStub => "mapping the syscall stub page",
             ChildStep::ProtectStub => "making the stub page read-execute",
@@ -153,8 +155,9 @@ impl ChildStep {
     }
 }
 
-/// Forks the VM process. The child sets itself up (see [`child_main`]) and stops with SIGTRAP
-/// at the stub's `int3` as a tracee of the calling thread; the parent gets its pid.
+/// Forks the VM process. The child waits until the caller has seized it (see [`seize`]), sets
+/// itself up (see [`child_main`]) and stops with SIGTRAP at the stub's `int3`; the parent gets
+/// its pid.
 pub fn fork_vm_process(spec: &ChildSpec) -> Result<Pid, Errno> {
     // SAFETY: after fork the child runs only `child_main`, which calls async-signal-safe
     // functions (raw syscalls through libc), touches no heap and no lock, and never returns
@@ -196,9 +199,16 @@ fn child_main(spec: &ChildSpec) -> ! {
     if unsafe { libc::getppid() } != spec.parent {
         child_exit(ChildStep::ParentGone);
     }
-    // SAFETY: PTRACE_TRACEME ignores its other arguments.
-    if unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) } != 0 {
-        child_exit(ChildStep::TraceMe);
+    // Its own process group: the terminal's ^C and ^Z reach the node processes, which own
+    // the machine, and never the guest.
+    // SAFETY: setpgid with integer arguments only.
+    unsafe { libc::setpgid(0, 0) };
+    // Wait until the monitor has seized this process (PTRACE_SEIZE, so that it can interrupt
+    // the running guest): it writes one byte, or closes the pipe if it failed.
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a live local.
+    if unsafe { libc::read(spec.seized_fd, (&mut byte as *mut u8).cast(), 1) } != 1 {
+        child_exit(ChildStep::Seize);
     }
     if !unregister_rseq() {
         child_exit(ChildStep::Rseq);
@@ -434,12 +444,133 @@ pub fn reset_fp_state(pid: Pid) -> Result<(), Errno> {
     if rc == -1 { Err(Errno::last()) } else { Ok(()) }
 }
 
+/// Seizes the forked VM process `pid` (PTRACE_SEIZE with `options`) and tells it so through
+/// `seized` (the write end of its pipe).
+pub fn seize(pid: Pid, options: libc::c_int, seized: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: PTRACE_SEIZE takes the options in `data` and nothing else.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid.as_raw(),
+            std::ptr::null_mut::<libc::c_void>(),
+            options as libc::c_long as *mut libc::c_void,
+        )
+    };
+    if rc == -1 {
+        return Err(Errno::last());
+    }
+    nix::unistd::write(seized, &[1]).map(|_| ())
+}
+
 /// The faulting address of a SIGSEGV, SIGBUS, SIGILL or SIGFPE siginfo.
 pub fn si_addr(info: &libc::siginfo_t) -> u64 {
     // SAFETY: for the fault signals the kernel fills the `si_addr` member of the union, which
     // is what this reads; callers check the signal first (for others the value is meaningless
     // but still an initialised integer-sized field of a kernel-filled struct).
     unsafe { info.si_addr() as u64 }
+}
+
+// ---- userfaultfd write-protection, held by the monitor for the VM process ----
+
+/// `struct uffdio_api`.
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+nix::ioctl_readwrite!(uffdio_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
+
+/// Takes a duplicate of descriptor `fd` of process `pid` (pidfd_open + pidfd_getfd; the caller
+/// must be allowed to ptrace it, as its tracer is).
+pub fn take_fd_of(pid: Pid, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if pidfd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes descriptors and flags; it returns a new descriptor or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: as above, a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// Enables a userfaultfd (created by the VM process) for write-protect faults delivered as
+/// SIGBUS, and registers `[start, start + len)` for them.
+pub fn uffd_register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_SIGBUS | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one uffdio_api through the pointer, a live local.
+    unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) }?;
+    let mut reg = UffdioRegister {
+        range: UffdioRange { start, len },
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one uffdio_register, a live local.
+    unsafe { uffdio_register(uffd.as_raw_fd(), &mut reg) }?;
+    Ok(())
+}
+
+/// Write-protects (or unprotects) `[start, start + len)` of the VM process through its
+/// userfaultfd; unprotecting wakes nothing (the monitor resumes the vCPU itself).
+pub fn uffd_write_protect(
+    uffd: BorrowedFd<'_>,
+    start: u64,
+    len: u64,
+    protect: bool,
+) -> Result<(), Errno> {
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    // SAFETY: UFFDIO_WRITEPROTECT reads and writes one uffdio_writeprotect, a live local.
+    unsafe { uffdio_writeprotect(uffd.as_raw_fd(), &mut wp) }?;
+    Ok(())
 }
 
 #[cfg(test)]

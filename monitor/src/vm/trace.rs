@@ -87,7 +87,141 @@ pub enum StopEvent<'t> {
     Killed(Signal),
 }
 
+/// What a non-blocking wait saw ([`Tracee::try_wait`]); the tracee is stopped after the first
+/// four, and the monitor's [`Tracee`] requests apply to it until it resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Signal-delivery-stop for `signal` (never delivered: the monitor resumes with 0).
+    Signal(Signal),
+    /// Syscall-entry stop under PTRACE_SYSEMU.
+    Syscall,
+    /// Stopped by the monitor's own PTRACE_INTERRUPT.
+    Interrupted,
+    /// Group-stop (someone sent the VM process `signal`, e.g. SIGSTOP).
+    GroupStop(Signal),
+    Exited(i32),
+    Killed(Signal),
+}
+
 impl Tracee {
+    /// The next stop or end, if one is pending; never blocks, never allocates (except in the
+    /// error of an impossible wait status).
+    pub fn try_wait(&mut self) -> Result<Option<Event>, TraceError> {
+        self.wait_with(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)
+    }
+
+    /// Waits for the next stop or end, as [`Event`]s.
+    pub fn wait_event(&mut self) -> Result<Event, TraceError> {
+        loop {
+            if let Some(e) = self.wait_with(WaitPidFlag::__WALL)? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Continues the stopped tracee with PTRACE_CONT (only to run the monitor's stub).
+    pub fn cont(&self) -> Result<(), TraceError> {
+        ptrace::cont(self.pid, None).map_err(|source| TraceError::Resume {
+            pid: self.pid,
+            how: "PTRACE_CONT",
+            source,
+        })
+    }
+
+    fn wait_with(&mut self, flags: WaitPidFlag) -> Result<Option<Event>, TraceError> {
+        loop {
+            let status = match waitpid(self.pid, Some(flags)) {
+                Ok(s) => s,
+                Err(Errno::EINTR) => continue,
+                Err(source) => {
+                    return Err(TraceError::Wait {
+                        pid: self.pid,
+                        source,
+                    });
+                }
+            };
+            return Ok(Some(match status {
+                WaitStatus::StillAlive => return Ok(None),
+                WaitStatus::Stopped(_, signal) => Event::Signal(signal),
+                WaitStatus::PtraceSyscall(_) => Event::Syscall,
+                WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => {
+                    Event::Interrupted
+                }
+                WaitStatus::PtraceEvent(_, signal, libc::PTRACE_EVENT_STOP) => {
+                    Event::GroupStop(signal)
+                }
+                WaitStatus::Exited(_, code) => {
+                    self.reaped = true;
+                    Event::Exited(code)
+                }
+                WaitStatus::Signaled(_, signal, _) => {
+                    self.reaped = true;
+                    Event::Killed(signal)
+                }
+                other => {
+                    return Err(TraceError::UnexpectedStatus {
+                        pid: self.pid,
+                        status: format!("{other:?}"),
+                    });
+                }
+            }));
+        }
+    }
+
+    /// Asks the running tracee to stop (PTRACE_INTERRUPT); [`Event::Interrupted`] follows,
+    /// unless it stops for something else first (then the interrupt stop comes after the next
+    /// resume, and is harmless).
+    pub fn interrupt(&self) -> Result<(), TraceError> {
+        ptrace::interrupt(self.pid).map_err(|source| TraceError::Resume {
+            pid: self.pid,
+            how: "PTRACE_INTERRUPT",
+            source,
+        })
+    }
+
+    /// The registers of the stopped tracee.
+    pub fn regs(&self) -> Result<libc::user_regs_struct, TraceError> {
+        ptrace::getregs(self.pid).map_err(|source| TraceError::GetRegs {
+            pid: self.pid,
+            source,
+        })
+    }
+
+    /// Sets the registers of the stopped tracee.
+    pub fn set_regs(&self, regs: libc::user_regs_struct) -> Result<(), TraceError> {
+        ptrace::setregs(self.pid, regs).map_err(|source| TraceError::SetRegs {
+            pid: self.pid,
+            source,
+        })
+    }
+
+    /// The siginfo of the stopped tracee's signal.
+    pub fn siginfo(&self) -> Result<libc::siginfo_t, TraceError> {
+        ptrace::getsiginfo(self.pid).map_err(|source| TraceError::GetSigInfo {
+            pid: self.pid,
+            source,
+        })
+    }
+
+    /// Resumes the stopped tracee under PTRACE_SYSEMU, suppressing its signal.
+    pub fn resume(&self) -> Result<(), TraceError> {
+        ptrace::sysemu(self.pid, None).map_err(|source| TraceError::Resume {
+            pid: self.pid,
+            how: "PTRACE_SYSEMU",
+            source,
+        })
+    }
+
+    /// Executes one instruction of the stopped tracee (PTRACE_SYSEMU_SINGLESTEP: a `syscall`
+    /// still stops before it runs); a SIGTRAP stop follows.
+    pub fn single_step(&self) -> Result<(), TraceError> {
+        ptrace::sysemu_step(self.pid, None).map_err(|source| TraceError::Resume {
+            pid: self.pid,
+            how: "PTRACE_SYSEMU_SINGLESTEP",
+            source,
+        })
+    }
+
     /// Takes ownership of `pid`, a child of the calling thread that is or will become its tracee.
     pub fn adopt(pid: Pid) -> Tracee {
         Tracee { pid, reaped: false }
