@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{alive, processes_where};
+
 const VSMP: &str = env!("CARGO_BIN_EXE_vsmp");
 
 const LINKER_SCRIPT: &str = "ENTRY(_start)
@@ -65,64 +68,8 @@ fn build_guest(dir: &Path, name: &str, asm: &str, marker: &str, record: bool) ->
 }
 
 /// Pids of the live processes in process group `pgid`.
-/// The live (not zombie) processes whose field `index` after the command (0: state, 1: ppid,
-/// 2: pgrp) is `value`.
-fn processes_where(index: usize, value: i32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z") {
-            continue;
-        }
-        if fields.get(index).and_then(|f| f.parse::<i32>().ok()) == Some(value) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// Whether `pid` is alive (not a zombie).
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
-        })
-        .unwrap_or(false)
-}
-
 fn processes_in_group(pgid: i32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state ppid pgrp ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() == Some(&"Z") {
-            continue; // a zombie awaiting its parent's reap, not a running leftover
-        }
-        if fields.get(2).and_then(|f| f.parse::<i32>().ok()) == Some(pgid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    processes_where(2, pgid)
 }
 
 fn vsmp(args: &[&str]) -> Output {

@@ -2,9 +2,12 @@
  * vsmp.h: the vsmp guest runtime.
  *
  * A vsmp guest is a freestanding static x86-64 program built with `vsmp cc`. Every vCPU
- * enters the runtime's _start, which calls main(); main's return value is the vCPU's exit
- * status (as if passed to vsmp_exit). The platform these functions rely on (console UART,
- * exit port, CPUID leaves, boot convention) is described in docs/guest-platform.md.
+ * enters the runtime's _start, which calls main() (SPMD, like an MPI program). A return from
+ * main ends that vCPU only; the machine ends when every vCPU has returned, with the first
+ * non-zero value in the machine's global order (else 0). vsmp_exit ends the whole machine at
+ * once. Memory is shared by all vCPUs with the x86-TSO model, across nodes. The platform
+ * these functions rely on (console UART, exit and done ports, CPUID leaves, boot convention)
+ * is described in docs/guest-platform.md.
  */
 #ifndef VSMP_H
 #define VSMP_H
@@ -17,7 +20,7 @@
 extern "C" {
 #endif
 
-/* The guest's entry point: runs on every vCPU; its return value is the exit status. */
+/* The guest's entry point: runs on every vCPU; its return value ends this vCPU (see above). */
 int main(void);
 
 /* ---- console (16550 UART at port 0x3F8) ---- */
@@ -40,7 +43,7 @@ int vsmp_vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 
 /* ---- exit (port 0xF4) ---- */
 
-/* Ends this vCPU with the low byte of status as the exit status. */
+/* Stops the whole machine, every vCPU, with the low byte of status as its exit status. */
 _Noreturn void vsmp_exit(int status);
 
 /* ---- processor identity (CPUID leaf 0x40000001) ---- */
@@ -71,6 +74,41 @@ typedef struct {
 } vsmp_barrier_t;
 void vsmp_barrier_init(vsmp_barrier_t *barrier, unsigned n);
 void vsmp_barrier_wait(vsmp_barrier_t *barrier);
+
+/* Waits at a barrier of every vCPU of the machine (initialised by the runtime at boot). */
+void vsmp_barrier_all(void);
+
+/* Runs fn(cpu, ncpus, arg) on this vCPU and waits until every vCPU has run it: called by
+ * every vCPU (collectively, as an SPMD program does), like an OpenMP parallel region. */
+void vsmp_parallel(void (*fn)(unsigned cpu, unsigned ncpus, void *arg), void *arg);
+
+/* ---- atomics (locked instructions: atomic and fencing across the whole machine) ---- */
+
+/* Atomically adds v to *p; returns the old value (`lock xadd`). */
+static inline uint64_t vsmp_fetch_add(volatile uint64_t *p, uint64_t v)
+{
+    __asm__ __volatile__("lock xaddq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
+    return v;
+}
+
+/* Atomically stores v at *p; returns the old value (`xchg`). */
+static inline uint64_t vsmp_exchange(volatile uint64_t *p, uint64_t v)
+{
+    __asm__ __volatile__("xchgq %0, %1" : "+r"(v), "+m"(*p) : : "memory");
+    return v;
+}
+
+/* If *p == expected, stores desired there; returns the value *p had (`lock cmpxchg`). */
+static inline uint64_t vsmp_compare_exchange(volatile uint64_t *p, uint64_t expected,
+                                             uint64_t desired)
+{
+    uint64_t prev;
+    __asm__ __volatile__("lock cmpxchgq %2, %1"
+                         : "=a"(prev), "+m"(*p)
+                         : "r"(desired), "0"(expected)
+                         : "memory");
+    return prev;
+}
 
 /* A full memory fence (trapped: the DSM drains this vCPU's store buffer). */
 static inline void vsmp_mfence(void)

@@ -78,6 +78,25 @@ void vsmp_barrier_init(vsmp_barrier_t *barrier, unsigned n)
     barrier->n = n;
 }
 
+/* The barrier of every vCPU; its count is set by vCPU 0 at boot, before any other vCPU runs. */
+static vsmp_barrier_t all_cpus = {0, 0, 0};
+
+void __vsmp_boot_init(unsigned ncpus)
+{
+    vsmp_barrier_init(&all_cpus, ncpus);
+}
+
+void vsmp_barrier_all(void)
+{
+    vsmp_barrier_wait(&all_cpus);
+}
+
+void vsmp_parallel(void (*fn)(unsigned cpu, unsigned ncpus, void *arg), void *arg)
+{
+    fn(vsmp_cpu_id(), vsmp_cpu_count(), arg);
+    vsmp_barrier_all();
+}
+
 void vsmp_barrier_wait(vsmp_barrier_t *barrier)
 {
     /* The sense of this episode, read before arriving: it cannot flip until we arrive. */

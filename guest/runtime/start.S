@@ -22,6 +22,8 @@ _start:
 	xorl	%eax, %eax
 	cld
 	rep stosb
+	movl	%esi, %edi		/* the vCPU count */
+	call	__vsmp_boot_init	/* the runtime's own state, before anyone else runs */
 	movl	$1, __vsmp_booted(%rip)	/* a plain store: visible after the .bss stores (TSO) */
 	jmp	.Lcall_main
 

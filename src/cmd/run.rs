@@ -235,7 +235,8 @@ fn run_one_node(args: &Args) -> anyhow::Result<ExitCode> {
         let joined = Joined { fabric, guest };
         let stdout: Box<dyn Write + Send> = Box::new(std::io::stdout());
         Ok(node::run_node(&image, memory, Some(joined), &cfg, stdout)?)
-    })?;
+    })
+    .with_context(|| format!("node {rank} of {nodes} stopped"))?;
     let stats = report_stats(rank, &report);
     match &args.internal_report {
         Some(path) => {
@@ -336,24 +337,38 @@ fn launch(args: &Args) -> anyhow::Result<ExitCode> {
         });
     }
     supervise(&mut nodes)?;
-    let mut failed = false;
     let mut statuses = Vec::new();
     let mut stats = Vec::new();
+    let mut with_error = Vec::new();
+    let mut lost = Vec::new();
     for n in &nodes {
         match read_report(&n.report) {
             Some((status, json, text)) => {
                 statuses.push(status);
                 stats.push((text, json));
             }
-            None => {
-                failed = true;
-                let how = n.exit.map_or("was lost".to_string(), describe_exit);
-                eprintln!("vsmp: node {} failed: it {how}", n.rank);
-            }
+            None => match n.exit.map(|e| e.code()) {
+                // The node said why itself (above).
+                Some(Some(code)) if code == i32::from(VSMP_FAILURE) => with_error.push(n.rank),
+                _ => lost.push(format!(
+                    "node {} {}",
+                    n.rank,
+                    n.exit.map_or("was lost".to_string(), describe_exit)
+                )),
+            },
         }
     }
     finish_stats(args, &stats)?;
-    if failed {
+    if !with_error.is_empty() || !lost.is_empty() {
+        let mut why = lost;
+        if !with_error.is_empty() {
+            let list: Vec<String> = with_error.iter().map(|r| r.to_string()).collect();
+            why.push(format!(
+                "node {} stopped with an error (above)",
+                list.join(", ")
+            ));
+        }
+        eprintln!("vsmp: the machine failed: {}", why.join("; "));
         return Ok(ExitCode::from(VSMP_FAILURE));
     }
     if statuses.windows(2).any(|w| w[0] != w[1]) {
@@ -386,6 +401,17 @@ fn supervise(nodes: &mut [NodeProcess]) -> anyhow::Result<()> {
         if running == 0 {
             return Ok(());
         }
+        if failed_at.is_some() {
+            // A stopped node (SIGSTOP, ^Z) cannot stop by itself: once the machine failed, it
+            // is only in the way.
+            for n in nodes.iter_mut().filter(|n| n.exit.is_none()) {
+                if process_state(n.child.id()) == Some('T') {
+                    eprintln!("vsmp: node {} is stopped; killing it", n.rank);
+                    let _ = n.child.kill();
+                    n.exit = n.child.wait().ok();
+                }
+            }
+        }
         if failed_at.is_some_and(|t| t.elapsed() > FAILURE_GRACE) {
             for n in nodes.iter_mut().filter(|n| n.exit.is_none()) {
                 eprintln!(
@@ -399,6 +425,17 @@ fn supervise(nodes: &mut [NodeProcess]) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, ...).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {

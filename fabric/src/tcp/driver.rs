@@ -334,7 +334,9 @@ impl Shared {
         // Release: pairs with `Link::death`'s acquire, after the cause.
         link.dead.store(true, Ordering::Release);
         if conn.peer != self.rank {
-            tracing::warn!(peer = %conn.label, "dropping the connection: {cause}");
+            // The application hears of the death (`PeerDead`) and decides whether it is a
+            // failure or a departure: here it is only worth a debug line.
+            tracing::debug!(peer = %conn.label, "dropping the connection: {cause}");
             self.inbound.lock().queue.push_dead(conn.peer, cause);
         }
         conn.close();
