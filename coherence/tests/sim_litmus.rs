@@ -25,7 +25,7 @@ fn seeds() -> u64 {
     std::env::var("VSMP_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(1000)
 }
 
 const MAX_STEPS: usize = 200_000;
