@@ -162,3 +162,57 @@ fn the_exit_port_does_not_allocate() {
     );
     assert_eq!(n, 0);
 }
+
+#[test]
+fn the_write_fault_path_does_not_allocate() {
+    use vsmp_affinity::Placement;
+    use vsmp_monitor::emulate::footprint::written_memory;
+    use vsmp_monitor::layout::IMAGE_BASE;
+    use vsmp_monitor::marker::Marker;
+    use vsmp_monitor::platform::Regs;
+    use vsmp_monitor::vm::elf::GuestImage;
+    use vsmp_monitor::vm::memory::{GuestMemory, MemSize};
+    use vsmp_monitor::vm::process::spawn_stopped;
+    use vsmp_monitor::vm::protect::{Choice, Mechanism, Protector};
+
+    let memory = GuestMemory::new(MemSize::new(4 << 20).unwrap()).unwrap();
+    GuestImage::flat(&[0x0f, 0x0b], Marker::Ud2)
+        .load_into(&memory)
+        .unwrap();
+    let mut tracee = spawn_stopped(&memory, IMAGE_BASE, Placement::Unpinned, 0, 1).unwrap();
+    let mut protector = Protector::attach(
+        Choice::Only(Mechanism::Uffd),
+        &mut tracee,
+        memory.ram_start(),
+        memory.ram_end(),
+    )
+    .unwrap();
+    let mut factory = iced_x86::InstructionInfoFactory::new();
+    let regs = Regs {
+        rbx: 0x20_0ffc,
+        ..Regs::default()
+    };
+    let store = [0x48, 0x89, 0x03]; // mov %rax,(%rbx): across a page boundary
+    // Warm up once: the decoder's and the protector's first use.
+    let _ = written_memory(&store, IMAGE_BASE, &regs, &mut factory);
+    protector.set(0x200, true);
+    protector.apply(&mut tracee).unwrap();
+    protector.set(0x200, false);
+    protector.apply(&mut tracee).unwrap();
+    let n = allocations_during(|| {
+        for _ in 0..100 {
+            let w = written_memory(&store, IMAGE_BASE, &regs, &mut factory).unwrap();
+            assert_eq!(w.iter().next(), Some((0x20_0ffc, 8)));
+            for page in [0x200, 0x201] {
+                assert!(protector.is_write_fault(nix::sys::signal::Signal::SIGBUS, 2, page << 12));
+                protector.set(page as u32, true);
+            }
+            protector.apply(&mut tracee).unwrap();
+            protector.set(0x200, false);
+            protector.set(0x201, false);
+            protector.apply(&mut tracee).unwrap();
+        }
+    });
+    assert_eq!(n, 0, "the write fault path allocated {n} times");
+    assert_eq!(protector.counters().operations, 1 + 2 + 200);
+}
