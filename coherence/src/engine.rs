@@ -1057,6 +1057,70 @@ mod tests {
     }
 
     #[test]
+    fn an_unfenced_store_falls_due_for_publishing_one_flush_interval_after_it() {
+        let r = ram();
+        let mut e = Engine::new(cfg(0, 2)); // flush_interval 1000
+        assert_eq!(e.flush_deadline(), None, "nothing to publish: never due");
+        assert!(
+            !e.needs_stop(1_000_000),
+            "a node with nothing to do is not stopped"
+        );
+        e.write_fault(&r, &[PageNo(1)], 0x10, 500);
+        r.write(Gpa(0x1000), b"x");
+        assert_eq!(e.flush_deadline(), Some(1500));
+        assert!(!e.needs_stop(1499));
+        assert!(e.needs_stop(1500), "the periodic flush is due");
+        drain(&mut e);
+        e.serve(&r, 1500).unwrap();
+        assert!(drain(&mut e).contains(&Output::TakeTicket), "published");
+        assert_eq!(e.flush_deadline(), None);
+        assert_eq!(e.counters().flushes, 1);
+    }
+
+    #[test]
+    fn a_batch_whose_turn_came_asks_for_the_vcpu_at_once() {
+        let r = ram();
+        let mut writer = Engine::new(cfg(0, 2));
+        let mut reader = Engine::new(cfg(1, 2));
+        writer.write_fault(&r, &[PageNo(1)], 0, 0);
+        r.write(Gpa(0x1000), b"x");
+        writer.fence(&r, 0);
+        writer.ticket(&r, 1, 0);
+        let batch = writer.take_batch(1).to_vec();
+        assert!(!reader.needs_stop(0));
+        reader.receive(NodeId(0), &batch).unwrap();
+        assert!(
+            reader.needs_stop(0),
+            "applicable now: stop the running vCPU"
+        );
+        reader.serve(&r, 0).unwrap();
+        assert!(!reader.needs_stop(0));
+        assert_eq!(reader.applied(), 1);
+    }
+
+    #[test]
+    fn batches_are_applied_only_in_ticket_order() {
+        let r = ram();
+        let mut a = Engine::new(cfg(0, 3));
+        let mut c = Engine::new(cfg(2, 3));
+        // Two batches of node 0 with tickets 1 and 3; ticket 2 (node 1's) is missing.
+        for t in [1, 3] {
+            a.flush_now(&r);
+            a.console(&r, b"x", 0);
+            a.flush_now(&r);
+            a.ticket(&r, t, 0);
+            let b = a.take_batch(t).to_vec();
+            c.receive(NodeId(0), &b).unwrap();
+        }
+        c.serve(&r, 0).unwrap();
+        assert_eq!(c.applied(), 1, "ticket 2 has not arrived: 3 waits");
+        assert!(
+            c.receive(NodeId(0), &a.take_batch(3).to_vec()).is_err(),
+            "a replay is refused"
+        );
+    }
+
+    #[test]
     fn messages_round_trip_and_garbage_is_refused() {
         for m in [
             Msg::Request { page: PageNo(7) },

@@ -2,8 +2,9 @@
 //! coherence engines over seeded schedules of the simulated fabric: every final state must be
 //! one x86-TSO allows (the reference model's set), and replicas must agree at the end.
 //!
-//! `VSMP_SIM_SEEDS=N` sets the seeds per test (default: what CI affords); a failure prints
-//! the test and seed, and `VSMP_SIM_REPLAY=NAME:SEED` replays exactly that run.
+//! `VSMP_SIM_SEEDS=N` sets the seeds per test (default 1000: what CI affords),
+//! `VSMP_SIM_ONLY=NAME,...` runs only the named tests; a failure prints the test and seed, and
+//! `VSMP_SIM_REPLAY=NAME:SEED` replays exactly that run (`VSMP_SIM_TRACE=1` traces it).
 
 mod sim;
 
@@ -136,6 +137,11 @@ fn the_whole_suite_shows_only_states_x86_tso_allows() {
         let name = p.file_stem().unwrap().to_string_lossy().into_owned();
         jobs.push((name, p, false));
     }
+    // `VSMP_SIM_ONLY=NAME[,NAME...]`: just these tests (for long runs of a few).
+    if let Ok(only) = std::env::var("VSMP_SIM_ONLY") {
+        let names: Vec<&str> = only.split(',').collect();
+        jobs.retain(|(name, _, _)| names.contains(&name.as_str()));
+    }
     let seeds = seeds();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -184,14 +190,18 @@ fn the_whole_suite_shows_only_states_x86_tso_allows() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let sb = reports
-        .iter()
-        .find(|r| r.name == "SB")
-        .expect("SB is in the suite");
-    assert!(
-        sb.relaxed_seen,
-        "SB's relaxed outcome never appeared: the DSM looks SC, not TSO"
-    );
+    // The DSM is TSO, not SC by accident: SB's relaxed outcome appears (unless filtered out).
+    if let Some(sb) = reports.iter().find(|r| r.name == "SB") {
+        assert!(
+            sb.relaxed_seen,
+            "SB's relaxed outcome never appeared: the DSM looks SC, not TSO"
+        );
+    } else {
+        assert!(
+            std::env::var_os("VSMP_SIM_ONLY").is_some(),
+            "SB is in the suite"
+        );
+    }
 }
 
 /// The protocol's own pitfall tests, in `coherence/tests/litmus/`.

@@ -675,6 +675,7 @@ static void print_u64(char *buf, int *pos, uint64_t v) {
 
 int main(void) {
     unsigned id = vsmp_cpu_id();
+    uint64_t seed = 0x9e3779b97f4a7c15ULL * (id + 1);
     if (vsmp_cpu_count() < NTHREADS) {
         if (id == 0) vsmp_printf("litmus: this test needs %d vCPUs\n", NTHREADS);
         return 2;
@@ -696,6 +697,14 @@ int main(void) {
         vsmp_barrier_wait(&bar);
         for (uint64_t n = 0; n < PER_ROUND; n++) {
             vsmp_barrier_wait(&bar);
+            /* Under the DSM the barrier's releasing store stays in the releaser's store buffer
+               (plain stores: TSO) until it publishes: the fence publishes it now, so that every
+               thread starts the iteration at about the same time, as on hardware. */
+            vsmp_mfence();
+            /* And a random delay (up to about a millisecond), so that the threads' start times vary
+               across the fence's and the release's latencies (litmus7 varies them too). */
+            seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
+            for (uint64_t d = seed % 32768; d; d--) __builtin_ia32_pause();
             thread_code[id](n);
         }
         vsmp_barrier_wait(&bar);

@@ -73,6 +73,11 @@ const SI_KERNEL: i32 = 0x80;
 /// (plus the time to carry and apply it). See `docs/coherence.md` for how it was chosen.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 
+/// Kicks of a running vCPU allowed per flush interval: the shortest time between two kicks is
+/// the flush interval divided by this (250 us by default), which bounds both the share of a
+/// busy vCPU's time spent stopped and how long an applicable batch or an order waits.
+pub const KICKS_PER_FLUSH: u32 = 8;
+
 /// The default twin pool: the most pages a node has dirty at once (4 MiB of twins).
 pub const DEFAULT_TWINS: usize = 1024;
 
@@ -356,7 +361,7 @@ pub fn run_node(
         state: State::Running { kicked: false },
         marker: cfg.marker,
         start,
-        kick_interval: cfg.flush_interval.as_nanos() as u64,
+        kick_interval: (cfg.flush_interval / KICKS_PER_FLUSH).as_nanos() as u64,
         last_kick: 0,
         factory: InstructionInfoFactory::new(),
         stats: NodeStats::new(),
@@ -670,6 +675,7 @@ impl Node<'_> {
     /// A stop of the tracee.
     fn on_event(&mut self, event: Event) -> Result<(), NodeError> {
         let since = Instant::now();
+        self.stats.by_kind.stop_observed(since);
         match event {
             Event::Exited(status) => return Err(RunError::VmExited { status }.into()),
             Event::Killed(Signal::SIGSYS) => return Err(RunError::KilledBySeccomp.into()),

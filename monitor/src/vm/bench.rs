@@ -26,7 +26,7 @@ use vsmp_affinity::Placement;
 use super::elf::GuestImage;
 use super::memory::{GuestMemory, MemSize, MemoryError};
 use super::process::{self, ProcessError};
-use super::run::{RunConfig, RunError, run_image};
+use super::run::{RunConfig, run_image};
 use super::stats::TrapStats;
 use super::trace::{StopEvent, TraceError};
 use crate::emulate::{self, Trap};
@@ -139,7 +139,7 @@ pub enum BenchError {
     Run {
         path: &'static str,
         #[source]
-        source: RunError,
+        source: crate::node::NodeError,
     },
     #[error("the {path} guest under the monitor exited with status {status}, not 0")]
     GuestStatus { path: &'static str, status: u8 },

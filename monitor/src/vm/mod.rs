@@ -1,4 +1,4 @@
-//! The VM process and the ptrace run loop: everything in the monitor that touches the host.
+//! The VM process and everything in the monitor that touches the host for it.
 //!
 //! # The VM process
 //! The guest runs natively in a forked child of the monitor, traced with ptrace
@@ -45,18 +45,20 @@
 //! it, and the run ends with an error saying so).
 //!
 //! # The trap path
-//! [`run`] waits for a stop, classifies it (ud2 -> SIGILL, int3 -> SIGTRAP, a privileged
-//! instruction executed natively -> SIGSEGV with `SI_KERNEL`), reads the registers, calls
-//! [`crate::emulate::handle_trap`] with a [`run::PtracePlatform`] whose memory accesses are
-//! plain copies from the monitor's mapping of guest RAM ([`memory`]), writes the registers
-//! back if they changed and resumes with signal 0. Nothing on that path allocates.
+//! The node's event loop ([`crate::node`]) waits for a stop, classifies it (ud2 -> SIGILL,
+//! int3 -> SIGTRAP, a privileged instruction executed natively -> SIGSEGV with `SI_KERNEL`, a
+//! write to a protected page -> SIGBUS or SIGSEGV), reads the registers, calls
+//! [`crate::emulate::handle_trap`] with a platform whose memory accesses are plain copies from
+//! the monitor's mapping of guest RAM ([`memory`]), writes the registers back if they changed
+//! and resumes with signal 0. Nothing on that path allocates.
 //!
 //! Threads: one monitor thread does all of it; it is the ptrace tracer (only the thread that
-//! forked the VM process may issue ptrace requests for it). No locks.
+//! seized the VM process may issue ptrace requests for it). No locks.
 //!
-//! Modules: [`elf`] (loader), [`memory`] (guest RAM), [`process`] (spawn + confine),
-//! [`trace`] (ptrace stops as types), [`run`] (the loop), [`stats`] (`--stats`), [`bench`](mod@bench)
-//! (the trap benchmark), `sys` (the only `unsafe`).
+//! Modules: [`elf`] (loader), [`memory`] (guest RAM), [`process`] (spawn + confine, injected
+//! system calls), [`protect`] (page protection), [`trace`] (ptrace stops as types), [`run`]
+//! (one node, run errors), [`stats`] (`--stats`), [`bench`](mod@bench) (the trap benchmark),
+//! `sys` (the only `unsafe`).
 #![deny(unsafe_code)]
 
 pub mod bench;

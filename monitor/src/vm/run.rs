@@ -1,29 +1,22 @@
-//! The run loop of one vCPU: wait for a stop, classify it, emulate, resume.
-//!
-//! The loop is a small state machine over [`StopEvent`]s; every stop either resumes the guest
-//! or ends the run with a [`RunError`] that names what happened (guest RIP, instruction bytes,
-//! disassembly where relevant). From `waitpid` to the resume call nothing allocates: registers
-//! live on the stack, guest memory is read through the monitor's mapping of guest RAM, the
-//! statistics were allocated before the guest started.
+//! Running a guest on a machine of one node ([`run_image`], over the node's event loop in
+//! [`crate::node`]), the marker choice, and the errors that end a run: each names what happened
+//! (guest RIP, instruction bytes, disassembly where relevant).
 
 use std::fmt;
 use std::io::Write;
-use std::time::Instant;
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions};
 use nix::sys::signal::Signal;
 use vsmp_affinity::{AffinityError, Placement};
 
 use super::elf::{ElfError, GuestImage};
 use super::memory::{GuestMemory, MemSize, MemoryError};
-use super::process::{self, ProcessError};
-use super::stats::{TrapKind, TrapStats};
-use super::trace::{StopEvent, Stopped, TraceError, Tracee};
+use super::process::ProcessError;
+use super::stats::TrapStats;
+use super::trace::TraceError;
 use crate::devices::DeviceError;
-use crate::emulate::{self, EmulateError, InsnSite, MAX_INSN_BYTES, Outcome, Trap};
+use crate::emulate::{EmulateError, InsnSite, MAX_INSN_BYTES};
 use crate::marker::Marker;
-use crate::platform::{MemFault, Platform, Regs};
-use crate::vcpu::{Vcpu, VcpuConfig};
 
 /// `si_code` of a fault the kernel raised itself: for SIGSEGV, a #GP (e.g. a privileged
 /// instruction executed in user mode).
@@ -163,184 +156,31 @@ impl fmt::Display for InsnAt {
     }
 }
 
-/// The [`Platform`] of a stopped VM process: its registers (from PTRACE_GETREGS) and guest
-/// memory through the monitor's mapping. Guest-virtual == guest-physical (no guest paging yet).
-#[derive(Debug)]
-pub struct PtracePlatform<'m> {
-    pub regs: Regs,
-    memory: &'m GuestMemory,
-}
-
-impl<'m> PtracePlatform<'m> {
-    pub fn new(regs: Regs, memory: &'m GuestMemory) -> PtracePlatform<'m> {
-        PtracePlatform { regs, memory }
-    }
-}
-
-impl Platform for PtracePlatform<'_> {
-    fn regs(&mut self) -> &mut Regs {
-        &mut self.regs
-    }
-
-    fn read_mem(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), MemFault> {
-        let len = buf.len();
-        self.memory.read(gva, buf).map_err(|_| MemFault {
-            gva,
-            len,
-            write: false,
-        })
-    }
-
-    fn write_mem(&mut self, gva: u64, data: &[u8]) -> Result<(), MemFault> {
-        self.memory.write(gva, data).map_err(|_| MemFault {
-            gva,
-            len: data.len(),
-            write: true,
-        })
-    }
-}
-
-/// Runs `image` to its end: loads it into fresh guest RAM, starts the VM process, and traps
-/// and emulates until the guest writes its exit status (returned) or something ends the run.
-/// The console UART writes to `console`; `stats`, if given, records every trap.
+/// Runs `image` to its end on a machine of one node (the node's event loop,
+/// [`crate::node::run_node`], with no DSM): loads it into fresh guest RAM, starts the VM
+/// process, and traps and emulates until the guest writes its exit status (returned) or
+/// something ends the run. The console UART writes to `console`; `stats`, if given, receives
+/// every trap by kind and the stop-to-stop intervals.
 pub fn run_image(
     image: &GuestImage,
     config: &RunConfig,
     console: Box<dyn Write + Send>,
     stats: Option<&mut TrapStats>,
-) -> Result<u8, RunError> {
+) -> Result<u8, crate::node::NodeError> {
     let memory = GuestMemory::new(config.mem)?;
-    image.load_into(&memory)?;
-    if let Placement::Together(core) = config.placement {
-        vsmp_affinity::pin_current_thread(core)?;
-    }
-    let mut tracee = process::spawn(&memory, image.entry, config.placement)?;
-    let mut vcpu = Vcpu::new(VcpuConfig { id: 0, count: 1 }, console);
-    let result = run_loop(&mut tracee, &memory, &mut vcpu, config.marker, stats);
-    tracee.kill_and_reap();
-    let flushed = vcpu.flush().map_err(RunError::Console);
-    let status = result?;
-    flushed?;
-    Ok(status)
-}
-
-/// The loop proper. Returns the guest's exit status.
-fn run_loop(
-    tracee: &mut Tracee,
-    memory: &GuestMemory,
-    vcpu: &mut Vcpu,
-    marker: Marker,
-    mut stats: Option<&mut TrapStats>,
-) -> Result<u8, RunError> {
-    loop {
-        let event = tracee.wait()?;
-        let observed = Instant::now();
-        if let Some(s) = stats.as_deref_mut() {
-            s.stop_observed(observed);
-        }
-        let (stopped, signal) = match event {
-            StopEvent::Signal(stopped, signal) => (stopped, signal),
-            StopEvent::Syscall(stopped) => {
-                if let Some(s) = stats.as_deref_mut() {
-                    s.record(TrapKind::Syscall, observed.elapsed());
-                }
-                return Err(refuse_syscall(&stopped, memory)?);
-            }
-            StopEvent::Exited(status) => return Err(RunError::VmExited { status }),
-            StopEvent::Killed(Signal::SIGSYS) => return Err(RunError::KilledBySeccomp),
-            StopEvent::Killed(signal) => return Err(RunError::VmKilled { signal }),
-        };
-        let user_regs = stopped.regs()?;
-        let before = Regs::from(user_regs);
-        let trap = classify(&stopped, signal, &before, memory, marker)?;
-        let mut platform = PtracePlatform::new(before, memory);
-        let emulated = emulate::handle_trap(vcpu, &mut platform, trap)?;
-        let kind = match trap {
-            Trap::Marker { .. } => TrapKind::Marker(emulated.mnemonic),
-            Trap::Fault { .. } => TrapKind::Fault(emulated.mnemonic),
-        };
-        if let (Some(s), Outcome::Halt { .. } | Outcome::Exit { .. } | Outcome::Done { .. }) =
-            (stats.as_deref_mut(), emulated.outcome)
-        {
-            s.record(kind, observed.elapsed());
-        }
-        match emulated.outcome {
-            Outcome::Resume | Outcome::Fence => {}
-            Outcome::Atomic => {
-                if let Trap::Fault { insn } = trap {
-                    return Err(RunError::NativeRetryOfFault {
-                        insn: InsnAt::read(memory, insn),
-                    });
-                }
-                platform.regs.rip = trap.insn();
-            }
-            Outcome::Halt { .. } => {
-                return Err(RunError::HaltedForever {
-                    vcpu: vcpu.id(),
-                    insn: mnemonic_name(emulated.mnemonic),
-                    rip: trap.insn(),
-                });
-            }
-            Outcome::Exit { status } | Outcome::Done { status } => return Ok(status),
-        }
-        if platform.regs != before {
-            stopped.set_regs(platform.regs.into())?;
-        }
-        if let Some(s) = stats.as_deref_mut() {
-            s.record(kind, observed.elapsed());
-        }
-        stopped.resume_sysemu()?;
-    }
-}
-
-/// Turns a signal-delivery-stop into the trap it is, or into the guest crash it is.
-fn classify(
-    stopped: &Stopped<'_>,
-    signal: Signal,
-    regs: &Regs,
-    memory: &GuestMemory,
-    marker: Marker,
-) -> Result<Trap, RunError> {
-    let rip = regs.rip;
-    match (signal, marker) {
-        (Signal::SIGILL, Marker::Ud2) => {
-            let mut b = [0u8; 2];
-            if memory.read(rip, &mut b).is_ok() && b == [0x0f, 0x0b] {
-                return Ok(Trap::Marker { insn: rip + 2 });
-            }
-        }
-        (Signal::SIGTRAP, Marker::Int3) => {
-            let mut b = [0u8; 1];
-            if rip > 0 && memory.read(rip - 1, &mut b).is_ok() && b == [0xcc] {
-                return Ok(Trap::Marker { insn: rip });
-            }
-        }
-        _ => {}
-    }
-    let info = stopped.siginfo()?;
-    if signal == Signal::SIGSEGV && info.si_code == SI_KERNEL {
-        return Ok(Trap::Fault { insn: rip });
-    }
-    Err(crash(signal, &info, rip, memory))
-}
-
-fn crash(signal: Signal, info: &libc::siginfo_t, rip: u64, memory: &GuestMemory) -> RunError {
-    let fault_signal = matches!(
-        signal,
-        Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE
-    );
-    // si_addr is meaningful for the fault signals only.
-    let addr = if fault_signal {
-        super::sys::si_addr(info)
-    } else {
-        rip
+    let cfg = crate::node::NodeConfig {
+        marker: config.marker,
+        placement: config.placement,
+        flush_interval: crate::node::DEFAULT_FLUSH_INTERVAL,
+        twins: crate::node::DEFAULT_TWINS,
+        protection: crate::vm::protect::Choice::Auto,
+        label: false,
     };
-    RunError::GuestCrashed {
-        signal,
-        cause: signal_cause(signal, info.si_code),
-        addr,
-        insn: InsnAt::read(memory, rip),
+    let report = crate::node::run_node(image, memory, None, &cfg, console)?;
+    if let Some(s) = stats {
+        *s = report.stats.by_kind;
     }
+    Ok(report.status)
 }
 
 /// The kernel's reason for a fault signal, from its `si_code`.
@@ -360,40 +200,6 @@ pub fn signal_cause(signal: Signal, code: i32) -> &'static str {
         (Signal::SIGFPE, 3..=8) => "floating-point exception",
         (Signal::SIGTRAP, _) => "breakpoint or trace trap not at a marker",
         _ => "unexpected signal",
-    }
-}
-
-/// Builds the refusal of a guest system call at a syscall-entry stop (it has not run and will
-/// not: the run ends).
-fn refuse_syscall(stopped: &Stopped<'_>, memory: &GuestMemory) -> Result<RunError, RunError> {
-    let regs = stopped.regs()?;
-    let insn_rip = regs.rip.wrapping_sub(2);
-    let mut b = [0u8; 2];
-    let via = match memory.read(insn_rip, &mut b).map(|_| b) {
-        Ok([0x0f, 0x05]) => "syscall",
-        Ok([0xcd, 0x80]) => "int $0x80",
-        Ok([0x0f, 0x34]) => "sysenter",
-        _ => "an unknown instruction",
-    };
-    let name = if via == "syscall" {
-        syscall_name(regs.orig_rax)
-    } else {
-        "i386 system call table"
-    };
-    Ok(RunError::HostSyscall {
-        nr: regs.orig_rax,
-        name,
-        via,
-        rip: insn_rip,
-    })
-}
-
-fn mnemonic_name(m: Mnemonic) -> &'static str {
-    match m {
-        Mnemonic::Hlt => "hlt",
-        Mnemonic::Mwait => "mwait",
-        Mnemonic::Mwaitx => "mwaitx",
-        _ => "halt",
     }
 }
 
@@ -544,18 +350,5 @@ mod tests {
         assert_eq!(syscall_name(62), "kill");
         assert_eq!(syscall_name(257), "openat");
         assert_eq!(syscall_name(100_000), "unknown");
-    }
-
-    #[test]
-    fn the_ptrace_platform_faults_outside_guest_ram() {
-        let memory = GuestMemory::new(MemSize::new(2 << 20).unwrap()).unwrap();
-        let mut p = PtracePlatform::new(Regs::default(), &memory);
-        p.write_mem(0x10_0000, &[1, 2, 3]).unwrap();
-        let mut b = [0u8; 3];
-        p.read_mem(0x10_0000, &mut b).unwrap();
-        assert_eq!(b, [1, 2, 3]);
-        let f = p.read_mem(0x8, &mut b).unwrap_err();
-        assert_eq!((f.gva, f.len, f.write), (0x8, 3, false));
-        assert!(p.write_mem(2 << 20, &[0]).unwrap_err().write);
     }
 }

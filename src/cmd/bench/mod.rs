@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 mod fabric;
+mod smp;
 mod trap;
 
 #[derive(Debug, clap::Args)]
@@ -18,11 +19,20 @@ enum What {
     Trap(trap::Args),
     /// Fabric write, doorbell, fetch_add and bandwidth, beside a raw ping-pong.
     Fabric(fabric::Args),
+    /// A DSM fence and a cross-node spinlock handoff, beside the sum of their raw parts.
+    Fence(smp::FenceArgs),
+    /// The write-fault cycle with userfaultfd and with mprotect, beside a raw ptrace stop.
+    Fault(smp::FaultArgs),
+    /// The reduction and stencil examples at 1 and 2 nodes.
+    Speedup(smp::SpeedupArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Trap(a) => trap::run(a),
         What::Fabric(a) => fabric::run(a),
+        What::Fence(a) => smp::fence(a),
+        What::Fault(a) => smp::fault(a),
+        What::Speedup(a) => smp::speedup(a),
     }
 }

@@ -11,7 +11,7 @@
 //! prints.
 
 mod raw;
-mod report;
+pub(super) mod report;
 
 use std::process::{Child, Command, ExitCode};
 use std::sync::Arc;
@@ -141,9 +141,48 @@ impl Drop for NodeGuard {
 }
 
 fn driver(args: &Args) -> anyhow::Result<()> {
+    let rows = measure(
+        Backend::from(args.backend),
+        args.iterations,
+        args.delay,
+        true,
+    )?;
+    report::print_table(
+        &format!(
+            "vsmp bench fabric: backend {}, 2 node processes, {} iterations, injected delay {}",
+            Backend::from(args.backend),
+            args.iterations,
+            humantime::format_duration(args.delay)
+        ),
+        &rows,
+    );
+    Ok(())
+}
+
+/// The fabric's latency figures (write + wait, doorbell and `fetch_add` round trips, each
+/// beside the raw primitive) between this process and a second node process, for other
+/// benchmarks that put their figures beside the fabric's; `bandwidth` adds the bandwidth rows.
+pub(super) fn measure(
+    backend: Backend,
+    n: u64,
+    delay: Duration,
+    bandwidth: bool,
+) -> anyhow::Result<Vec<Row>> {
+    let args = Args {
+        backend: match backend {
+            Backend::Shm => BackendArg::Shm,
+            Backend::Tcp => BackendArg::Tcp,
+        },
+        nodes: 2,
+        iterations: n,
+        delay,
+        internal_node: false,
+        internal_raw: None,
+        internal_bootstrap: None,
+    };
+    let args = &args;
     let secret = Secret::generate()?;
     let exe = std::env::current_exe().context("finding the vsmp binary to start node 1")?;
-    let backend = Backend::from(args.backend);
     let spawn = |raw: &str, bootstrap: &str| -> anyhow::Result<NodeGuard> {
         let child = Command::new(&exe)
             .args(["bench", "fabric", "--internal-node", "--backend"])
@@ -159,7 +198,6 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             .context("starting node 1")?;
         Ok(NodeGuard(child))
     };
-    let n = args.iterations;
     let mut rows = Vec::new();
     let bootstrap = match backend {
         Backend::Shm => std::env::temp_dir()
@@ -176,7 +214,7 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             let node1 = spawn(&raw.proc_path().display().to_string(), &addr)?;
             let raws = raw::shm_driver(&raw, n)?;
             let ep = pending.finish()?;
-            fabric_driver(&*ep, n, raws, Local::Shm(&raw), &mut rows)?;
+            fabric_driver(&*ep, n, raws, Local::Shm(&raw), bandwidth, &mut rows)?;
             node1
         }
         Backend::Tcp => {
@@ -186,20 +224,12 @@ fn driver(args: &Args) -> anyhow::Result<()> {
             let (stream, _) = raw.accept().context("accepting node 1's raw socket")?;
             let (raws, mut stream) = raw::tcp_driver(stream, n)?;
             let ep = pending.finish()?;
-            fabric_driver(&*ep, n, raws, Local::Tcp(&mut stream), &mut rows)?;
+            fabric_driver(&*ep, n, raws, Local::Tcp(&mut stream), bandwidth, &mut rows)?;
             raw::tcp_finish(stream)?;
             node1
         }
     };
-    report::print_table(
-        &format!(
-            "vsmp bench fabric: backend {backend}, 2 node processes, {} iterations, injected delay {}",
-            args.iterations,
-            humantime::format_duration(args.delay)
-        ),
-        &rows,
-    );
-    Ok(())
+    Ok(rows)
 }
 
 fn at(region: RegionId, offset: u64) -> RemoteAddr {
@@ -248,6 +278,7 @@ fn fabric_driver(
     n: u64,
     raw: Raw,
     mut local: Local<'_>,
+    bandwidth: bool,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let local_raw = match &local {
@@ -316,7 +347,8 @@ fn fabric_driver(
         raw: raw.fetch_add,
         raw_name: raw.fetch_add_name,
     });
-    for &size in &BANDWIDTH_SIZES {
+    let sizes: &[usize] = if bandwidth { &BANDWIDTH_SIZES } else { &[] };
+    for &size in sizes {
         let fabric_writes = |count: usize| {
             for k in 0..count {
                 let signal = if k + 1 == count {
