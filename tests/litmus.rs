@@ -1,5 +1,7 @@
 //! `vsmp litmus` end to end through the binary: the model's output against herd7's files, a
-//! short native run over a handful of tests, the vsmp mode's refusal, and error reporting.
+//! short native run over a handful of tests, the whole suite under the DSM at 2 and 4 nodes
+//! (over shm; a selection over tcp) with zero forbidden states and SB's relaxed outcome seen,
+//! and error reporting. `VSMP_LITMUS_ITERATIONS=K` runs the suites longer.
 //!
 //! The litmus suite lives beside the repository (`../shared/litmus`, or `$VSMP_LITMUS_DIR`);
 //! without it these tests FAIL with a message saying where they looked.
@@ -107,7 +109,7 @@ fn a_short_native_run_shows_no_forbidden_state_and_prints_counts() {
 }
 
 #[test]
-fn vsmp_mode_generates_guest_programs_then_says_it_needs_a_multi_vcpu_monitor() {
+fn vsmp_mode_runs_each_test_on_its_own_nodes_and_sees_sbs_relaxed_outcome() {
     let dir = suite();
     let emit = tempfile::tempdir().unwrap();
     let sb = dir.join("herdtools7/catalogue/x86/tests/SB.litmus");
@@ -115,15 +117,22 @@ fn vsmp_mode_generates_guest_programs_then_says_it_needs_a_multi_vcpu_monitor() 
         "litmus",
         "--nodes",
         "2",
+        "--iterations",
+        "2000",
         "--emit",
         emit.path().to_str().unwrap(),
         sb.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("needs a monitor with one vCPU per node"),
-        "{}",
-        text(&out.stderr)
+        stdout.contains("2 thread(s) on 2 vCPU(s) under vsmp (shm)"),
+        "{stdout}"
+    );
+    // The DSM is TSO, not SC by accident: both loads read 0 in some iterations.
+    assert!(
+        stdout.contains("Summary: 1 tests, 1 ok, 0 with a forbidden state, 0 errors; relaxed (non-SC) outcome seen in 1"),
+        "{stdout}"
     );
     let generated: Vec<_> = std::fs::read_dir(emit.path())
         .unwrap()
@@ -131,27 +140,95 @@ fn vsmp_mode_generates_guest_programs_then_says_it_needs_a_multi_vcpu_monitor() 
         .collect();
     assert_eq!(generated.len(), 1);
     let c = std::fs::read_to_string(&generated[0]).unwrap();
-    assert!(
-        c.contains("#include <vsmp.h>")
-            && c.contains("vsmp_barrier_wait(&bar)")
-            && c.contains("vsmp_cpu_id()")
-    );
-    // The two-thread guest program builds with the guest toolchain.
-    let elf = emit.path().join("sb.elf");
-    let cc = vsmp(&[
-        "cc",
-        "-o",
-        elf.to_str().unwrap(),
-        generated[0].to_str().unwrap(),
+    assert!(c.contains("#include <vsmp.h>") && c.contains("vsmp_barrier_wait(&bar)"));
+}
+
+/// Iterations per test of the suite runs under the DSM in CI (`VSMP_LITMUS_ITERATIONS`).
+fn suite_iterations(default: u32) -> String {
+    std::env::var("VSMP_LITMUS_ITERATIONS").unwrap_or_else(|_| default.to_string())
+}
+
+fn whole_suite_under_the_dsm(nodes: &str, fabric: &str, iterations: u32) {
+    let index = suite().join("INDEX.tsv");
+    let iterations = suite_iterations(iterations);
+    let out = vsmp(&[
+        "litmus",
+        "--nodes",
+        nodes,
+        "--fabric",
+        fabric,
+        "--iterations",
+        &iterations,
+        index.to_str().unwrap(),
     ]);
-    assert!(cc.status.success(), "vsmp cc failed: {}", text(&cc.stderr));
-    let out = vsmp(&["litmus", "--nodes", "1", sb.to_str().unwrap()]);
-    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    let summary = stdout.lines().last().unwrap_or("");
     assert!(
-        text(&out.stderr).contains("needs 2 vCPUs"),
-        "{}",
+        out.status.success(),
+        "{}\n{summary}\n{}",
+        stdout
+            .split("\n\n")
+            .filter(|b| b.contains("FORBIDDEN") || b.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n\n"),
         text(&out.stderr)
     );
+    assert!(
+        summary.contains("0 with a forbidden state, 0 errors"),
+        "{summary}"
+    );
+    eprintln!("{nodes} nodes over {fabric}: {summary}");
+}
+
+#[test]
+fn the_whole_suite_at_two_nodes_over_shm_shows_no_forbidden_state() {
+    whole_suite_under_the_dsm("2", "shm", 40);
+}
+
+#[test]
+fn the_whole_suite_at_four_nodes_over_shm_shows_no_forbidden_state() {
+    whole_suite_under_the_dsm("4", "shm", 10);
+}
+
+#[test]
+fn tests_of_two_to_four_threads_over_tcp_show_no_forbidden_state() {
+    let dir = suite();
+    let files = [
+        "herdtools7/catalogue/x86/tests/SB.litmus",
+        "litmus-tests-x86/tests/non-mixed-size/BASIC_2_THREAD/MP.litmus",
+        "herdtools7/catalogue/x86_64/tests/WRC.litmus",
+        "litmus-tests-x86/tests/non-mixed-size/BASIC_4_THREAD/IRIW+mfences.litmus",
+        "diy7-generated-xchg/SB+mfenceana+po.litmus",
+        "diy7-generated-xchg/IRIW+AA.litmus",
+        "herdtools7/catalogue/x86/tests/SB+mfences.litmus",
+    ];
+    let paths: Vec<String> = files
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    let iterations = suite_iterations(200);
+    let mut args = vec![
+        "litmus",
+        "--nodes",
+        "2",
+        "--fabric",
+        "tcp",
+        "--iterations",
+        &iterations,
+    ];
+    args.extend(paths.iter().map(String::as_str));
+    let out = vsmp(&args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "Summary: {} tests, {} ok, 0 with a forbidden state",
+            files.len(),
+            files.len()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("under vsmp (tcp)"), "{stdout}");
 }
 
 #[test]

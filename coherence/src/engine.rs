@@ -437,6 +437,35 @@ impl Engine {
         self.owner[page.index()]
     }
 
+    /// A one-line account of where the engine stands, for diagnosing a stuck machine.
+    pub fn describe(&self) -> String {
+        let next = self.applied + 1;
+        let queued: Vec<String> = self
+            .queued
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| {
+                q.front()
+                    .map(|(t, _)| format!("node {i}: {t} (+{})", q.len() - 1))
+            })
+            .collect();
+        let own: Vec<u64> = self.own.iter().map(|b| b.ticket).collect();
+        format!(
+            "applied {} (next {next}), last ticket {}, own batches {own:?}, queued [{}], \
+             wait {:?} for {:?}, orders {:?}, pinned {:?}, dirty {}, ended {}, machine end {:?}",
+            self.applied,
+            self.last_ticket,
+            queued.join(", "),
+            self.wait,
+            self.want,
+            self.orders,
+            self.pinned,
+            self.dirty.len(),
+            self.ended,
+            self.machine_end
+        )
+    }
+
     /// Whether nothing of this node's is unpublished or unapplied (its store buffer is empty).
     pub fn drained(&self) -> bool {
         self.nothing_to_capture() && self.own.is_empty()

@@ -562,6 +562,23 @@ impl Link {
             || self.ack_due.iter().any(|d| *d)
     }
 
+    /// A one-line account of what the link holds, for diagnosing a stuck machine.
+    pub fn describe(&self) -> String {
+        format!(
+            "queued entries {:?}, overflow {}, posts in flight {}, tickets asked {}, messages {}, \
+             acks due {:?}, written {:?}, read {:?}, ended {:?}",
+            self.queue,
+            self.overflow.len(),
+            self.posts.len(),
+            self.tickets.len(),
+            self.messages.len(),
+            self.ack_due,
+            self.written,
+            self.read,
+            self.ended
+        )
+    }
+
     /// Retries what waits for room (after polling).
     pub fn retry(&mut self) -> Result<(), NetError> {
         self.flush()

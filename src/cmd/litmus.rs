@@ -48,7 +48,7 @@ pub struct Args {
     /// Also write each generated C program into DIR (NAME.c for native, NAME.guest.c for vsmp).
     #[arg(long, value_name = "DIR")]
     emit: Option<PathBuf>,
-    /// Parallel gcc jobs when compiling native programs (default: number of cores).
+    /// Parallel gcc jobs when compiling the programs (default: number of cores).
     #[arg(long, value_name = "J")]
     jobs: Option<usize>,
     /// Litmus files (`.litmus`), or an `INDEX.tsv` standing for all the tests it lists.
@@ -140,15 +140,41 @@ fn run_vsmp(args: &Args, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     }
     // `vsmp cc`, then `vsmp run` on max(N, T) nodes.
     let me = std::env::current_exe().context("cannot find the vsmp executable")?;
+    // Build every guest first, in parallel; the runs then have every core to themselves.
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let built: Vec<Mutex<Option<std::io::Result<std::process::Output>>>> =
+        sources.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(sources.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(c_path) = sources.get(i) else { break };
+                    let out = Command::new(&me)
+                        .arg("cc")
+                        .arg("-o")
+                        .arg(c_path.with_extension("elf"))
+                        .arg(c_path)
+                        .output();
+                    if let Ok(mut slot) = built[i].lock() {
+                        *slot = Some(out);
+                    }
+                }
+            });
+        }
+    });
     let mut outcomes = Vec::new();
-    for ((test, c_path), path) in tests.iter().zip(&sources).zip(paths) {
+    for (i, ((test, c_path), path)) in tests.iter().zip(&sources).zip(paths).enumerate() {
         let elf = c_path.with_extension("elf");
-        let cc = Command::new(&me)
-            .arg("cc")
-            .arg("-o")
-            .arg(&elf)
-            .arg(c_path)
-            .output()
+        let cc = built[i]
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .context("a guest was not built")?
             .context("cannot run vsmp cc")?;
         if !cc.status.success() {
             println!(

@@ -308,8 +308,14 @@ pub fn run_node(
             let range = crate::layout::IMAGE_BASE..image.end().next_multiple_of(4096);
             link.share_image(&[range], IMAGE_TIMEOUT)?;
         }
-    } else if let (Some(link), Some(j)) = (&mut link, &joined) {
-        wait_for_image(link, &j.guest, cfg, nodes, mem_bytes)?;
+    }
+    // The engine exists before the image is here: batches and requests from nodes that started
+    // already may arrive with (or just after) the image's doorbell, and must not be lost.
+    let mut engine = Engine::new(cfg.engine(me, nodes, mem_bytes));
+    if let (Some(link), Some(j)) = (&mut link, &joined) {
+        if me != NodeId(0) {
+            wait_for_image(link, &mut engine, &j.guest)?;
+        }
     }
     if let Placement::Together(core) = cfg.placement {
         vsmp_affinity::pin_current_thread(core).map_err(RunError::Pin)?;
@@ -331,7 +337,7 @@ pub fn run_node(
             )?;
             let tap = ConsoleTap::default();
             let dsm = Dsm {
-                engine: Engine::new(cfg.engine(me, nodes, mem_bytes)),
+                engine,
                 link,
                 replica: j.guest,
                 protector,
@@ -371,16 +377,9 @@ pub fn run_node(
     node.run()
 }
 
-fn wait_for_image(
-    link: &mut Link,
-    replica: &Memory,
-    cfg: &NodeConfig,
-    nodes: usize,
-    mem_bytes: u64,
-) -> Result<(), NodeError> {
-    // A throwaway engine receives nothing but the image's doorbell (node 0 publishes nothing
-    // before every replica holds the image).
-    let mut engine = Engine::new(cfg.engine(link.fabric().rank(), nodes, mem_bytes));
+/// Polls until node 0 rang that this replica holds the image; whatever else arrives goes to
+/// the engine, which queues it (its outputs are carried once the node runs).
+fn wait_for_image(link: &mut Link, engine: &mut Engine, replica: &Memory) -> Result<(), NodeError> {
     let deadline = Instant::now() + IMAGE_TIMEOUT;
     while !link.image_ready() {
         if Instant::now() > deadline {
@@ -388,7 +387,7 @@ fn wait_for_image(
                 "node 0 did not share the guest image within {IMAGE_TIMEOUT:?}"
             )));
         }
-        if !link.poll(&mut engine, &ReplicaOf(replica), 0)? {
+        if !link.poll(engine, &ReplicaOf(replica), 0)? {
             vsmp_coherence::fabric::sleep_on(link.fabric().notifier(), Duration::from_millis(5));
         }
     }
@@ -646,7 +645,9 @@ impl Node<'_> {
     fn sleep(&mut self) -> Result<(), NodeError> {
         let now = self.now();
         let Some(d) = &mut self.dsm else {
-            self.waiter.wait(None, None)?;
+            if self.waiter.wait(None, None)? {
+                eprintln!("vsmp: node 0 (alone): vCPU {}", self.state_name());
+            }
             return Ok(());
         };
         if let State::Stopped { since, .. } = self.state {
@@ -668,8 +669,30 @@ impl Node<'_> {
         }
         let timeout = deadline.map(|t| Duration::from_nanos(t.saturating_sub(now)));
         let fabric = Arc::clone(d.link.fabric());
-        self.waiter.wait(Some(fabric.notifier()), timeout)?;
+        if self.waiter.wait(Some(fabric.notifier()), timeout)? {
+            let d = self.dsm.as_ref().expect("a DSM node");
+            eprintln!(
+                "vsmp: node {}: vCPU {}, gate {:?}; engine: {}; link: {}",
+                d.engine.me().0,
+                self.state_name(),
+                d.engine.gate(),
+                d.engine.describe(),
+                d.link.describe()
+            );
+        }
         Ok(())
+    }
+
+    /// What the vCPU is doing, for diagnostics.
+    fn state_name(&self) -> String {
+        match &self.state {
+            State::Running { kicked } => format!("running (kicked: {kicked})"),
+            State::Stopped { regs, pending, .. } => {
+                format!("stopped at {:#x}, waiting to {pending:?}", regs.rip)
+            }
+            State::Stepping { .. } => "stepping a locked instruction".into(),
+            State::Ended => "ended".into(),
+        }
     }
 
     /// A stop of the tracee.

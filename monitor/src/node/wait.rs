@@ -3,7 +3,8 @@
 //!
 //! SIGCHLD must be blocked in every thread of the node process before any thread starts
 //! ([`block_sigchld`]), or a thread that leaves it unblocked takes (and discards) it and the
-//! signalfd never sees it.
+//! signalfd never sees it. SIGUSR1 is taken the same way: it asks the node to print where it
+//! stands (`kill -USR1 PID`), for diagnosing a machine that does not move.
 #![forbid(unsafe_code)]
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -24,12 +25,17 @@ const TRACEE: u64 = 1;
 const FABRIC: u64 = 2;
 const TIMER: u64 = 3;
 
-/// Blocks SIGCHLD in the calling thread (call it first thing in the node process, so every
-/// thread inherits it).
-pub fn block_sigchld() -> Result<(), nix::Error> {
+fn signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
-    set.thread_block()
+    set.add(Signal::SIGUSR1);
+    set
+}
+
+/// Blocks SIGCHLD (and SIGUSR1) in the calling thread (call it first thing in the node
+/// process, so every thread inherits it).
+pub fn block_sigchld() -> Result<(), nix::Error> {
+    signals().thread_block()
 }
 
 #[derive(Debug)]
@@ -48,10 +54,9 @@ fn setup(e: nix::Error) -> NodeError {
 impl Waiter {
     pub fn new() -> Result<Waiter, NodeError> {
         block_sigchld().map_err(setup)?;
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGCHLD);
-        let sigchld = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(setup)?;
+        let sigchld =
+            SignalFd::with_flags(&signals(), SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+                .map_err(setup)?;
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -76,12 +81,12 @@ impl Waiter {
     }
 
     /// Sleeps until the tracee changes state, `fabric` (armed by the caller) fires, or
-    /// `timeout` passes (at most [`MAX_SLEEP`]).
+    /// `timeout` passes (at most [`MAX_SLEEP`]). Returns whether SIGUSR1 arrived.
     pub fn wait(
         &mut self,
         fabric: Option<BorrowedFd<'_>>,
         timeout: Option<Duration>,
-    ) -> Result<(), NodeError> {
+    ) -> Result<bool, NodeError> {
         if let Some(fd) = fabric {
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             if self.fabric != Some(raw) {
@@ -93,7 +98,7 @@ impl Waiter {
         }
         let timeout = timeout.unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
         if timeout.is_zero() {
-            return Ok(());
+            return Ok(false);
         }
         self.timer
             .set(
@@ -108,8 +113,11 @@ impl Waiter {
         }
         // Drain what fired: SIGCHLD's pending signals and the timer's count (both
         // nonblocking; the tracee itself is looked at with waitpid by the caller).
-        while let Ok(Some(_)) = self.sigchld.read_signal() {}
+        let mut usr1 = false;
+        while let Ok(Some(info)) = self.sigchld.read_signal() {
+            usr1 |= info.ssi_signo == Signal::SIGUSR1 as u32;
+        }
         let _ = self.timer.unset();
-        Ok(())
+        Ok(usr1)
     }
 }
